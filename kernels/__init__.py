@@ -1,0 +1,9 @@
+"""Expert compute: grouped matrix multiplies over tokens sorted by expert.
+
+Imports torch (and, from the Triton issue on, triton) and nothing of ours. The public entry point is
+:func:`grouped_mm`, with the semantics of :func:`torch.nn.functional.grouped_mm`.
+"""
+
+from kernels.grouped_mm import BACKENDS, grouped_mm, grouped_mm_loop, offsets_from_counts
+
+__all__ = ["BACKENDS", "grouped_mm", "grouped_mm_loop", "offsets_from_counts"]

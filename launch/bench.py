@@ -1,0 +1,256 @@
+"""``moe bench ...``: benchmarks that print ratios measured side by side in one run.
+
+``moe bench layer`` times forward + backward of one SwiGLU MoE layer (fp32, CPU, T tokens) for a
+few shapes (d, f, E, k), against the dropless MoE of DeepSpeed and against dense matmuls of the
+same FLOPs:
+
+    ours        ``moe.MoELayer`` (learned router, dropless) in train mode: ``layer(x).backward(g)``
+    deepspeed   ``deepspeed.moe.layer.MoE``, dropless (drop_tokens=False, use_rts=False, no 2nd-expert
+                sampling, ep_size=1), each expert the same bias-free SwiGLU MLP
+    dense MLP   that SwiGLU MLP applied to T*k rows: the experts' FLOPs with no routing or dispatch
+    dense GEMM  only its three matmuls and their backward matmuls: the same FLOPs, nothing elementwise
+
+The two dense columns are the practical limits. Every backward takes a fixed random gradient, and
+gradients are cleared (untimed) before each call. After 2 warm-up rounds the candidates run
+round-robin, ``--repeats`` rounds, so drift hits all of them alike; each time is the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_SHAPES = "256,512,8,2;256,128,64,6;512,1024,16,1"
+WARMUP = 2
+COLUMNS = (  # (key, header, definition)
+    ("ours_ms", "ours ms", "moe.MoELayer forward+backward, median wall time"),
+    ("deepspeed_ms", "deepspeed ms", "deepspeed.moe.layer.MoE (dropless, same SwiGLU experts) forward+backward"),
+    ("dense_mlp_ms", "dense MLP ms", "dense SwiGLU MLP on T*k rows forward+backward (same FLOPs, no routing)"),
+    ("dense_gemm_ms", "dense GEMM ms", "only the dense MLP's 3 forward and 6 backward matmuls (no activation)"),
+    ("ours_per_dense_mlp", "ours/MLP", "ours ms / dense MLP ms (1.0 = routing costs nothing)"),
+    ("ours_per_dense_gemm", "ours/GEMM", "ours ms / dense GEMM ms"),
+    ("deepspeed_per_dense_mlp", "ds/MLP", "deepspeed ms / dense MLP ms"),
+    ("speedup_vs_deepspeed", "ds/ours", "deepspeed ms / ours ms: our speedup over deepspeed"),
+)
+Step = Callable[[], float]
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("bench", help="benchmarks (printed tables, measured in one run)")
+    which = parser.add_subparsers(dest="bench", metavar="WHAT")
+    which.required = True
+    layer = which.add_parser("layer", help="MoE layer vs deepspeed.moe vs dense matmuls of equal FLOPs (CPU, fp32)")
+    layer.add_argument("--tokens", type=int, default=4096, help="tokens T per forward (default 4096)")
+    layer.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
+    layer.add_argument("--shapes", default=DEFAULT_SHAPES, help=f'"d,f,E,k;..." (default "{DEFAULT_SHAPES}")')
+    layer.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    layer.set_defaults(func=_run_layer)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+    shapes = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        try:
+            shape = tuple(int(value) for value in item.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 4 or min(shape) < 1:
+            raise ValueError(f'--shapes: {item!r} is not "d,f,E,k" with four positive integers')
+        shapes.append(shape)
+    if not shapes:
+        raise ValueError("--shapes: no shape given")
+    return shapes
+
+
+def _timed(run: Callable[[], None], leaves: list[torch.Tensor]) -> Step:
+    """A step that clears the leaves' gradients, then returns the wall time of ``run()``."""
+
+    def step() -> float:
+        for leaf in leaves:
+            leaf.grad = None
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+
+    return step
+
+
+def _backward_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Step:
+    def run() -> None:
+        out = module(x)
+        (out[0] if isinstance(out, tuple) else out).backward(grad)
+
+    return _timed(run, [x, *module.parameters()])
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``, bias-free: one expert, the same MLP as ours."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.gate = nn.Linear(hidden, ffn, bias=False)
+        self.up = nn.Linear(hidden, ffn, bias=False)
+        self.down = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def _dense_mlp_step(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, grad: torch.Tensor) -> Step:
+    """The experts' SwiGLU MLP on all of ``x`` (T*k rows) at once, through autograd like ours."""
+    return _timed(lambda: ((F.silu(x @ w1) * (x @ w3)) @ w2).backward(grad), [x, w1, w3, w2])
+
+
+def _dense_gemm_step(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, grad: torch.Tensor) -> Step:
+    """Only the matmuls of that MLP, by hand: 3 forward and 6 backward (one fused as an addmm)."""
+    x, w1, w3, w2 = (t.detach() for t in (x, w1, w3, w2))
+
+    @torch.no_grad()
+    def run() -> None:
+        hidden = x @ w1
+        outputs = [x @ w3, hidden @ w2]  # forward
+        grad_hidden = grad @ w2.t()  # stands in for the gradients of both x @ w1 and x @ w3
+        outputs += [hidden.t() @ grad, x.t() @ grad_hidden, x.t() @ grad_hidden]  # weight gradients
+        outputs.append(torch.addmm(grad_hidden @ w1.t(), grad_hidden, w3.t()))  # input gradient
+
+    return _timed(run, [])
+
+
+def _deepspeed_step(d: int, f: int, experts: int, k: int, x: torch.Tensor, grad: torch.Tensor) -> Step:
+    from deepspeed.moe.layer import MoE
+
+    layer = MoE(d, SwiGLU(d, f), num_experts=experts, ep_size=1, k=k, drop_tokens=False, use_rts=False,
+                top2_2nd_expert_sampling=False).train()
+    step = _backward_step(layer, x, grad)
+    step()  # fails here, not mid-measurement, on what DeepSpeed does not support
+    return step
+
+
+def _bench_shape(d: int, f: int, experts: int, k: int, tokens: int, repeats: int, deepspeed_error: Optional[str]) -> dict:
+    import moe
+
+    torch.manual_seed(0)
+    config = moe.MoEConfig(hidden_size=d, ffn_hidden_size=f, num_experts=experts, top_k=k, router="learned",
+                           activation="swiglu")
+    x, grad = torch.randn(tokens, d, requires_grad=True), torch.randn(tokens, d)
+    x_rep, grad_rep = torch.randn(tokens * k, d, requires_grad=True), torch.randn(tokens * k, d)
+    w1, w3, w2 = (torch.randn(rows, cols).div_(math.sqrt(rows)).requires_grad_() for rows, cols in ((d, f), (d, f), (f, d)))
+
+    steps = {"ours_ms": _backward_step(moe.MoELayer(config).train(), x, grad)}
+    if deepspeed_error is None:
+        try:
+            steps["deepspeed_ms"] = _deepspeed_step(d, f, experts, k, x, grad)
+        except Exception as err:  # DeepSpeed's limits are a result to report, not a crash
+            deepspeed_error = f"{type(err).__name__}: {err}".splitlines()[0]
+    steps["dense_mlp_ms"] = _dense_mlp_step(x_rep, w1, w3, w2, grad_rep)
+    steps["dense_gemm_ms"] = _dense_gemm_step(x_rep, w1, w3, w2, grad_rep)
+
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(WARMUP + repeats):
+        for name, step in steps.items():
+            elapsed = step()
+            if round_ >= WARMUP:
+                times[name].append(elapsed)
+    row = {"shape": {"d": d, "f": f, "E": experts, "k": k}, "deepspeed_error": deepspeed_error}
+    row.update({name: 1e3 * statistics.median(values) for name, values in times.items()})
+    ours, ds = row["ours_ms"], row.get("deepspeed_ms")
+    row.setdefault("deepspeed_ms", None)
+    row["ours_per_dense_mlp"] = ours / row["dense_mlp_ms"]
+    row["ours_per_dense_gemm"] = ours / row["dense_gemm_ms"]
+    row["deepspeed_per_dense_mlp"] = None if ds is None else ds / row["dense_mlp_ms"]
+    row["speedup_vs_deepspeed"] = None if ds is None else ds / ours
+    return row
+
+
+class _DeepSpeedProcessGroup:
+    """Imports deepspeed for CPU and holds a 1-process gloo group (created here only if none exists).
+
+    ``error`` is None when deepspeed is usable, else why not. With ep_size=1 the layer never
+    communicates, so deepspeed's own comm backend (a C++ op built on first use) is not started.
+    """
+
+    def __enter__(self) -> "_DeepSpeedProcessGroup":
+        self.error, self.created = None, False
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        try:
+            import deepspeed  # noqa: F401
+        except Exception as err:
+            self.error = f"cannot import deepspeed: {type(err).__name__}: {err}".splitlines()[0]
+            return self
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+            self.created = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.created:
+            torch.distributed.destroy_process_group()
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def _format(value: Optional[float], ratio: bool) -> str:
+    return "n/a" if value is None else (f"{value:.2f}x" if ratio else f"{value:.2f}")
+
+
+def _print_table(rows: list[dict]) -> None:
+    widths = [max(len(header), 8) for _, header, _ in COLUMNS]
+    print(f"{'d,f,E,k':<16}" + "  ".join(f"{header:>{w}}" for (_, header, _), w in zip(COLUMNS, widths)))
+    for row in rows:
+        cells = [_format(row[key], ratio=not key.endswith("_ms")) for key, _, _ in COLUMNS]
+        print(f"{'{d},{f},{E},{k}'.format(**row['shape']):<16}" + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    for row in rows:
+        if row["deepspeed_error"]:
+            print(f"deepspeed n/a for {'{d},{f},{E},{k}'.format(**row['shape'])}: {row['deepspeed_error']}")
+
+
+def _run_layer(args: argparse.Namespace) -> int:
+    shapes = parse_shapes(args.shapes)
+    if args.tokens < 1 or args.repeats < 1:
+        raise ValueError(f"--tokens and --repeats must be >= 1, got {args.tokens} and {args.repeats}")
+    threads, previous_threads = os.cpu_count() or 1, torch.get_num_threads()
+    torch.set_num_threads(threads)
+    header = {"torch": torch.__version__, "threads": threads, "cpu": _cpu_model(), "tokens": args.tokens,
+              "repeats": args.repeats, "warmup": WARMUP, "dtype": "float32", "device": "cpu"}
+    print(f"moe bench layer: torch {header['torch']}, {threads} threads, CPU {header['cpu']}")
+    print(f"T={args.tokens} tokens, fp32, SwiGLU, forward+backward; median of {args.repeats} interleaved rounds "
+          f"after {WARMUP} warm-up")
+    for _, header_text, definition in COLUMNS:
+        print(f"  {header_text:<14} {definition}")
+    try:
+        with _DeepSpeedProcessGroup() as group:
+            rows = [_bench_shape(*shape, args.tokens, args.repeats, group.error) for shape in shapes]
+    finally:
+        torch.set_num_threads(previous_threads)
+    print()
+    _print_table(rows)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({**header, "results": rows}, out, indent=2)
+    return 0

@@ -1,0 +1,48 @@
+"""The ``moe`` command line.
+
+    moe demo [--tokens T] [--steps S] ...   route a synthetic token stream through one MoE layer and
+                                            print routing statistics (the main job until training lands)
+    moe bench layer                          time the MoE layer against deepspeed.moe and dense matmuls
+
+Errors a user can cause print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from launch import bench, demo
+
+    parser = argparse.ArgumentParser(
+        prog="moe",
+        description="Mixture-of-Experts training, quantization and self-slimming inference.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    demo.add_parser(commands)
+    bench.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError) as err:
+        print(f"moe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

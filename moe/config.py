@@ -1,0 +1,188 @@
+"""Configuration of one MoE layer.
+
+Every field has a docstring (the string literal under it) and is validated in ``__post_init__``: a
+bad value raises ``ValueError`` naming the field, the value and what is allowed. YAML sections map
+onto these fields one to one (see :meth:`MoEConfig.from_dict`); unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+ROUTERS = ("learned", "random")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+BALANCES = ("none", "aux_loss", "bias")
+BIAS_UPDATE_SCHEDULES = ("constant", "inverse_time")
+BIAS_UPDATE_MODES = ("sign", "proportional")
+DROP_POLICIES = ("probs", "position")
+ACTIVATIONS = ("swiglu", "gelu", "relu")
+K_SCHEDULES = ("constant", "linear", "cosine", "exponential", "multistep")
+EXPERT_BACKENDS = ("torch", "loop")
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
+
+
+def _one_of(field: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(field, value, f"expected one of {', '.join(repr(c) for c in choices)}")
+
+
+def _positive_int(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(field, value, "expected an integer >= 1")
+
+
+def _non_negative(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        _fail(field, value, "expected a finite number >= 0")
+
+
+@dataclass
+class MoEConfig:
+    """One MoE feed-forward layer: router, balancing, capacity, experts and the k schedule."""
+
+    hidden_size: int = 256
+    """Model width d: size of each token's input and output vector."""
+
+    ffn_hidden_size: int = 512
+    """Hidden width f of each expert MLP (w1/w3 are [E, d, f], w2 is [E, f, d])."""
+
+    num_experts: int = 8
+    """Number of routed experts E."""
+
+    top_k: int = 2
+    """Active experts per token when ``k_schedule`` is "constant"; the run-time k can be changed
+    with ``moe.set_active_experts`` (1..E) without touching the weights."""
+
+    router: str = "learned"
+    """"learned": trainable linear gate. "random": SMoE-Dropout's gate, drawn N(0, router_init_std)
+    from ``router_seed`` and frozen (a buffer: no gradient, never in the optimizer, checkpointed)."""
+
+    score_function: str = "softmax"
+    """How logits become scores: "softmax" over all E experts, or an independent "sigmoid"."""
+
+    normalize_topk: bool = True
+    """Renormalise the k selected scores to sum to 1. With softmax this equals SMoE-Dropout's
+    softmax over the selected logits; DeepSeek-V3 normalises sigmoid scores."""
+
+    balance: str = "none"
+    """Load balancing: "none", "aux_loss" (Switch/GShard E * sum_i f_i P_i, scaled by
+    ``aux_loss_coeff``) or "bias" (auxiliary-loss-free: a per-expert bias that only steers the
+    top-k selection, moved once per optimizer step by ``moe.update_expert_biases``)."""
+
+    aux_loss_coeff: float = 1e-2
+    """Coefficient of the auxiliary load-balancing loss (used when ``balance`` is "aux_loss")."""
+
+    z_loss_coeff: float = 0.0
+    """Coefficient of the router z-loss mean(logsumexp(logits)^2); 0 disables it."""
+
+    bias_update_rate: float = 1e-3
+    """Step size u of the bias update (DeepSeek's default 1e-3)."""
+
+    bias_update_schedule: str = "constant"
+    """Rate over updates t: "constant" (u) or "inverse_time" (u / (1 + t / bias_update_t0))."""
+
+    bias_update_t0: float = 1000.0
+    """Time constant of the "inverse_time" bias-rate schedule, in bias updates."""
+
+    bias_update_mode: str = "sign"
+    """"sign": bias += u * sign(mean - count) (DeepSeek). "proportional": bias += u * (mean -
+    count) / mean, the relative load error, so u means the same at any batch size."""
+
+    capacity_factor: Optional[float] = None
+    """None: dropless (the default). Otherwise each expert takes at most
+    ceil(T * k / E * capacity_factor) tokens per forward; the rest are dropped and counted."""
+
+    drop_policy: str = "probs"
+    """Which tokens an over-full expert keeps: "probs" (highest gate weight) or "position"
+    (earliest tokens)."""
+
+    activation: str = "swiglu"
+    """Expert MLP activation: "swiglu" (silu(x w1) * (x w3)) w2, "gelu" or "relu" (w3 unused)."""
+
+    router_init_std: float = 0.02
+    """Standard deviation of the router weight's normal initialisation (learned and random)."""
+
+    router_seed: int = 0
+    """Seed of the fixed random router; each layer draws from (router_seed, layer index), so every
+    rank builds the same router without communication."""
+
+    expert_backend: str = "torch"
+    """Grouped-GEMM backend for the experts: "torch" (F.grouped_mm where supported) or "loop"."""
+
+    k_schedule: str = "constant"
+    """How k moves during training: "constant" (top_k), or from k_min to k_max over
+    k_schedule_steps by "linear", "cosine", "exponential" (geometric) or "multistep" (doubling)."""
+
+    k_min: Optional[int] = None
+    """First k of a non-constant schedule (defaults to top_k)."""
+
+    k_max: Optional[int] = None
+    """Last k of a non-constant schedule (defaults to num_experts)."""
+
+    k_schedule_steps: int = 1000
+    """Optimizer steps over which a non-constant schedule goes from k_min to k_max."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "k_schedule_steps"):
+            _positive_int(name, getattr(self, name))
+        if self.top_k > self.num_experts:
+            _fail("top_k", self.top_k, f"expected 1 <= top_k <= num_experts ({self.num_experts})")
+        _one_of("router", self.router, ROUTERS)
+        _one_of("score_function", self.score_function, SCORE_FUNCTIONS)
+        if not isinstance(self.normalize_topk, bool):
+            _fail("normalize_topk", self.normalize_topk, "expected true or false")
+        _one_of("balance", self.balance, BALANCES)
+        for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
+            _non_negative(name, getattr(self, name))
+        _one_of("bias_update_schedule", self.bias_update_schedule, BIAS_UPDATE_SCHEDULES)
+        _non_negative("bias_update_t0", self.bias_update_t0)
+        if self.bias_update_t0 == 0:
+            _fail("bias_update_t0", self.bias_update_t0, "expected a number > 0")
+        _one_of("bias_update_mode", self.bias_update_mode, BIAS_UPDATE_MODES)
+        if self.capacity_factor is not None:
+            _non_negative("capacity_factor", self.capacity_factor)
+            if self.capacity_factor == 0:
+                _fail("capacity_factor", self.capacity_factor, "expected a number > 0, or null for dropless")
+        _one_of("drop_policy", self.drop_policy, DROP_POLICIES)
+        _one_of("activation", self.activation, ACTIVATIONS)
+        _non_negative("router_init_std", self.router_init_std)
+        if isinstance(self.router_seed, bool) or not isinstance(self.router_seed, int) or self.router_seed < 0:
+            _fail("router_seed", self.router_seed, "expected an integer >= 0")
+        _one_of("expert_backend", self.expert_backend, EXPERT_BACKENDS)
+        _one_of("k_schedule", self.k_schedule, K_SCHEDULES)
+        self._validate_k_range()
+
+    def _validate_k_range(self) -> None:
+        if self.k_min is None:
+            self.k_min = self.top_k
+        if self.k_max is None:
+            self.k_max = self.num_experts if self.k_schedule != "constant" else self.top_k
+        for name in ("k_min", "k_max"):
+            _positive_int(name, getattr(self, name))
+            if getattr(self, name) > self.num_experts:
+                _fail(name, getattr(self, name), f"expected at most num_experts ({self.num_experts})")
+        if self.k_min > self.k_max:
+            _fail("k_min", self.k_min, f"expected k_min <= k_max ({self.k_max})")
+
+    @property
+    def uses_bias(self) -> bool:
+        """True when the auxiliary-loss-free bias steers expert selection."""
+        return self.balance == "bias"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "MoEConfig":
+        """Build from a mapping (a YAML section); unknown keys raise ``ValueError`` naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"MoEConfig: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,146 @@
+"""Routers: which k experts each token goes to, and with what weights.
+
+One class covers both routers of the project, because they differ only in where the gate weight
+comes from:
+
+- learned top-k: ``weight`` is an ``nn.Parameter`` initialised N(0, router_init_std);
+- fixed random (SMoE-Dropout): ``weight`` is a persistent fp32 *buffer* drawn N(0, router_init_std)
+  from a CPU generator seeded by (router_seed, layer index). It is saved in checkpoints, is the same
+  on every rank without communication, never gets a gradient and is never seen by an optimizer.
+
+Both compute ``scores = softmax(logits)`` or ``sigmoid(logits)`` in fp32, select the top-k of
+``scores + expert_bias`` (the bias only when bias balancing is on) and weight the chosen experts by
+the *unbiased* scores, renormalised over the k if ``normalize_topk``. With softmax and
+``normalize_topk`` the weights equal a softmax over the k selected logits, SMoE-Dropout's rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.balance import capacity_keep_mask, expert_capacity, router_z_loss, switch_aux_loss
+from moe.config import MoEConfig
+
+
+@dataclass
+class Routing:
+    """What a router decided for T tokens (all tensors on the input's device)."""
+
+    indices: torch.Tensor
+    """[T, k] int64: the experts each token chose, in order of selection score."""
+    weights: torch.Tensor
+    """[T, k] fp32: gate weight of each choice (0 where the choice was dropped by capacity)."""
+    tokens_per_expert: torch.Tensor
+    """[E] int64: assignments each expert computes (after capacity dropping)."""
+    routed_per_expert: torch.Tensor
+    """[E] int64: assignments each expert was chosen for (before dropping): the demand."""
+    kept: Optional[torch.Tensor] = None
+    """[T, k] bool: False where capacity dropped the choice; None when dropless."""
+    aux_loss: Optional[torch.Tensor] = None
+    """Scalar, already times aux_loss_coeff; training mode with balance="aux_loss" only."""
+    z_loss: Optional[torch.Tensor] = None
+    """Scalar, already times z_loss_coeff; training mode with z_loss_coeff > 0 only."""
+
+    @property
+    def num_dropped(self) -> int:
+        return 0 if self.kept is None else int((~self.kept).sum())
+
+    @property
+    def dropped_fraction(self) -> float:
+        return self.num_dropped / max(1, self.indices.numel())
+
+    def detached(self) -> "Routing":
+        """A copy that holds no autograd graph (for inspection after the forward)."""
+        return Routing(
+            indices=self.indices,
+            weights=self.weights.detach(),
+            tokens_per_expert=self.tokens_per_expert,
+            routed_per_expert=self.routed_per_expert,
+            kept=self.kept,
+            aux_loss=None if self.aux_loss is None else self.aux_loss.detach(),
+            z_loss=None if self.z_loss is None else self.z_loss.detach(),
+        )
+
+
+def random_router_seed(router_seed: int, layer_idx: int) -> int:
+    """Seed of layer ``layer_idx``'s fixed random router (distinct per layer)."""
+    return router_seed * 1_000_003 + layer_idx
+
+
+class TopKRouter(nn.Module):
+    """Linear gate without bias, top-k selection, optional bias balancing, capacity and losses."""
+
+    def __init__(self, config: MoEConfig, layer_idx: int = 0):
+        super().__init__()
+        self.config = config
+        num_experts, hidden = config.num_experts, config.hidden_size
+        if config.router == "learned":
+            self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+            nn.init.normal_(self.weight, mean=0.0, std=config.router_init_std)
+        else:
+            generator = torch.Generator(device="cpu").manual_seed(random_router_seed(config.router_seed, layer_idx))
+            weight = torch.randn(num_experts, hidden, generator=generator) * config.router_init_std
+            self.register_buffer("weight", weight)  # [E, d], frozen
+        if config.uses_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+            self.register_buffer("bias_updates", torch.zeros((), dtype=torch.int64))
+            # Demand since the last bias update; accumulates over micro-batches, not checkpointed.
+            self.register_buffer("pending_tokens", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+        else:
+            self.expert_bias = None
+
+    @property
+    def is_learned(self) -> bool:
+        return isinstance(self.weight, nn.Parameter)
+
+    def _apply(self, fn, recurse=True):
+        # Keep fp32 state fp32 through model.to(bf16)/half(): the bias moves in steps of ~1e-3 and
+        # the frozen gate must stay bit-identical everywhere.
+        keep = {name: getattr(self, name) for name in ("expert_bias", "weight") if self._keeps_fp32(name)}
+        super()._apply(fn, recurse)
+        for name, original in keep.items():
+            current = getattr(self, name)
+            if current.dtype != torch.float32:
+                setattr(self, name, original.to(device=current.device))
+        return self
+
+    def _keeps_fp32(self, name: str) -> bool:
+        return name in self._buffers and self._buffers[name] is not None
+
+    def forward(self, x: torch.Tensor, k: int) -> Routing:
+        """Route ``x [T, d]`` to ``k`` experts each."""
+        cfg = self.config
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        scores = torch.softmax(logits, dim=-1) if cfg.score_function == "softmax" else torch.sigmoid(logits)
+        selection = scores.detach()
+        if self.expert_bias is not None:
+            selection = selection + self.expert_bias
+        indices = torch.topk(selection, k, dim=-1).indices  # [T, k]
+        weights = scores.gather(1, indices)  # [T, k], unbiased scores
+        if cfg.normalize_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+        routed = torch.bincount(indices.flatten(), minlength=cfg.num_experts)  # [E]
+        kept = None
+        tokens_per_expert = routed
+        if cfg.capacity_factor is not None:
+            capacity = expert_capacity(x.shape[0], k, cfg.num_experts, cfg.capacity_factor)
+            kept = capacity_keep_mask(indices, weights, cfg.num_experts, capacity, cfg.drop_policy)
+            weights = weights * kept
+            tokens_per_expert = torch.bincount(indices[kept], minlength=cfg.num_experts)
+
+        if self.expert_bias is not None and self.training and torch.is_grad_enabled():
+            self.pending_tokens += routed
+
+        aux_loss = z_loss = None
+        if self.training and cfg.balance == "aux_loss" and cfg.aux_loss_coeff > 0:
+            probs = scores if cfg.score_function == "softmax" else scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
+            aux_loss = cfg.aux_loss_coeff * switch_aux_loss(probs, routed, k)
+        if self.training and cfg.z_loss_coeff > 0:
+            z_loss = cfg.z_loss_coeff * router_z_loss(logits)
+        return Routing(indices, weights, tokens_per_expert, routed, kept, aux_loss, z_loss)

@@ -1,0 +1,78 @@
+"""Operations on every MoE layer of a model: set k, advance the k schedule, move the expert
+biases once per optimizer step, and gather the auxiliary losses."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe.balance import updated_expert_bias
+from moe.metrics import moe_layers
+from moe.schedules import bias_rate_at_update, k_at_step
+
+
+def _layers_or_fail(module: nn.Module, what: str):
+    layers = [layer for _, layer in moe_layers(module)]
+    if not layers:
+        raise ValueError(f"{what}: {type(module).__name__} contains no MoELayer")
+    return layers
+
+
+def set_active_experts(module: nn.Module, k: Union[int, Sequence[int]]) -> None:
+    """Set the run-time k on every MoE layer: one int for all, or a list with one k per layer
+    (in module order). k < 1 or k > E raises ``ValueError`` naming the layer."""
+    layers = _layers_or_fail(module, "set_active_experts")
+    ks = list(k) if isinstance(k, (list, tuple)) else [k] * len(layers)
+    if len(ks) != len(layers):
+        raise ValueError(f"set_active_experts: got {len(ks)} values of k for {len(layers)} MoE layers")
+    for layer in layers:  # validate everything before changing anything
+        layer_k = ks[layers.index(layer)]
+        if isinstance(layer_k, bool) or not isinstance(layer_k, int) or not 1 <= layer_k <= layer.num_experts:
+            raise ValueError(
+                f"set_active_experts: k={layer_k!r} is invalid for MoE layer {layer.layer_idx}: "
+                f"expected an integer in 1..{layer.num_experts} (its number of experts)"
+            )
+    for layer, layer_k in zip(layers, ks):
+        layer.set_active_experts(layer_k)
+
+
+def advance_k_schedule(module: nn.Module, step: int) -> list[int]:
+    """Set each layer's k to its schedule's value at optimizer step ``step``; returns the ks."""
+    layers = _layers_or_fail(module, "advance_k_schedule")
+    for layer in layers:
+        layer.set_active_experts(k_at_step(layer.config, step))
+    return [layer.active_experts for layer in layers]
+
+
+@torch.no_grad()
+def update_expert_biases(module: nn.Module, group: Optional[dist.ProcessGroup] = None) -> Optional[torch.Tensor]:
+    """One auxiliary-loss-free bias update for every bias-balanced layer; call once per optimizer
+    step. The token counts accumulated since the last call (training-mode forwards only) are summed
+    over ``group`` when given, with one all-reduce for all layers, then reset.
+
+    Returns the ``[L, E]`` summed counts (rows in module order), or None if no layer balances by bias.
+    """
+    routers = [layer.router for _, layer in moe_layers(module) if layer.router.expert_bias is not None]
+    if not routers:
+        return None
+    counts = torch.stack([router.pending_tokens for router in routers])  # [L, E]
+    if group is not None:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    for router, layer_counts in zip(routers, counts):
+        if layer_counts.sum() > 0:
+            cfg = router.config
+            rate = bias_rate_at_update(cfg, int(router.bias_updates))
+            router.expert_bias.copy_(updated_expert_bias(router.expert_bias, layer_counts, rate, cfg.bias_update_mode))
+            router.bias_updates += 1
+        router.pending_tokens.zero_()
+    return counts
+
+
+def collect_aux_losses(module: nn.Module) -> Optional[torch.Tensor]:
+    """Sum of every MoE layer's auxiliary and z-losses from its last forward (None if there are
+    none): add it to the task loss before ``backward``."""
+    losses = [loss for _, layer in moe_layers(module) if (loss := layer.aux_loss()) is not None]
+    return torch.stack(losses).sum() if losses else None
