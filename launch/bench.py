@@ -66,6 +66,8 @@ def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
             shape = ()
         if len(shape) != 4 or min(shape) < 1:
             raise ValueError(f'--shapes: {item!r} is not "d,f,E,k" with four positive integers')
+        if shape[3] > shape[2]:
+            raise ValueError(f"--shapes: {item!r} has k={shape[3]} > E={shape[2]}")
         shapes.append(shape)
     if not shapes:
         raise ValueError("--shapes: no shape given")
@@ -136,7 +138,10 @@ def _deepspeed_step(d: int, f: int, experts: int, k: int, x: torch.Tensor, grad:
     return step
 
 
-def _bench_shape(d: int, f: int, experts: int, k: int, tokens: int, repeats: int, deepspeed_error: Optional[str]) -> dict:
+def _bench_shape(
+    d: int, f: int, experts: int, k: int, tokens: int, repeats: int, deepspeed_error: Optional[str]
+) -> dict:
+    """One row of the table: the four median times and their ratios for shape (d, f, E, k)."""
     import moe
 
     torch.manual_seed(0)
@@ -144,7 +149,7 @@ def _bench_shape(d: int, f: int, experts: int, k: int, tokens: int, repeats: int
                            activation="swiglu")
     x, grad = torch.randn(tokens, d, requires_grad=True), torch.randn(tokens, d)
     x_rep, grad_rep = torch.randn(tokens * k, d, requires_grad=True), torch.randn(tokens * k, d)
-    w1, w3, w2 = (torch.randn(rows, cols).div_(math.sqrt(rows)).requires_grad_() for rows, cols in ((d, f), (d, f), (f, d)))
+    w1, w3, w2 = (torch.randn(n, m).div_(math.sqrt(n)).requires_grad_() for n, m in ((d, f), (d, f), (f, d)))
 
     steps = {"ours_ms": _backward_step(moe.MoELayer(config).train(), x, grad)}
     if deepspeed_error is None:
@@ -155,21 +160,31 @@ def _bench_shape(d: int, f: int, experts: int, k: int, tokens: int, repeats: int
     steps["dense_mlp_ms"] = _dense_mlp_step(x_rep, w1, w3, w2, grad_rep)
     steps["dense_gemm_ms"] = _dense_gemm_step(x_rep, w1, w3, w2, grad_rep)
 
+    ms = _median_ms_round_robin(steps, repeats)
+    ours, ds, mlp, gemm = ms["ours_ms"], ms.get("deepspeed_ms"), ms["dense_mlp_ms"], ms["dense_gemm_ms"]
+    return {
+        "shape": {"d": d, "f": f, "E": experts, "k": k},
+        "ours_ms": ours,
+        "deepspeed_ms": ds,
+        "dense_mlp_ms": mlp,
+        "dense_gemm_ms": gemm,
+        "ours_per_dense_mlp": ours / mlp,
+        "ours_per_dense_gemm": ours / gemm,
+        "deepspeed_per_dense_mlp": None if ds is None else ds / mlp,
+        "speedup_vs_deepspeed": None if ds is None else ds / ours,
+        "deepspeed_error": deepspeed_error,
+    }
+
+
+def _median_ms_round_robin(steps: dict[str, Step], repeats: int) -> dict[str, float]:
+    """Median milliseconds of each step over ``repeats`` rounds, each round running every step once."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(WARMUP + repeats):
         for name, step in steps.items():
             elapsed = step()
             if round_ >= WARMUP:
                 times[name].append(elapsed)
-    row = {"shape": {"d": d, "f": f, "E": experts, "k": k}, "deepspeed_error": deepspeed_error}
-    row.update({name: 1e3 * statistics.median(values) for name, values in times.items()})
-    ours, ds = row["ours_ms"], row.get("deepspeed_ms")
-    row.setdefault("deepspeed_ms", None)
-    row["ours_per_dense_mlp"] = ours / row["dense_mlp_ms"]
-    row["ours_per_dense_gemm"] = ours / row["dense_gemm_ms"]
-    row["deepspeed_per_dense_mlp"] = None if ds is None else ds / row["dense_mlp_ms"]
-    row["speedup_vs_deepspeed"] = None if ds is None else ds / ours
-    return row
+    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
 
 
 class _DeepSpeedProcessGroup:
@@ -236,9 +251,11 @@ def _run_layer(args: argparse.Namespace) -> int:
         raise ValueError(f"--tokens and --repeats must be >= 1, got {args.tokens} and {args.repeats}")
     threads, previous_threads = os.cpu_count() or 1, torch.get_num_threads()
     torch.set_num_threads(threads)
-    header = {"torch": torch.__version__, "threads": threads, "cpu": _cpu_model(), "tokens": args.tokens,
-              "repeats": args.repeats, "warmup": WARMUP, "dtype": "float32", "device": "cpu"}
-    print(f"moe bench layer: torch {header['torch']}, {threads} threads, CPU {header['cpu']}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    header = {"torch": torch.__version__, "threads": threads, "cpu": _cpu_model(), "load_avg_1min": load,
+              "tokens": args.tokens, "repeats": args.repeats, "warmup": WARMUP, "dtype": "float32", "device": "cpu"}
+    print(f"moe bench layer: torch {header['torch']}, {threads} threads, CPU {header['cpu']}, "
+          f"load average {_format(load, ratio=False)} at start")
     print(f"T={args.tokens} tokens, fp32, SwiGLU, forward+backward; median of {args.repeats} interleaved rounds "
           f"after {WARMUP} warm-up")
     for _, header_text, definition in COLUMNS:

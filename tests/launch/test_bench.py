@@ -1,0 +1,31 @@
+"""``moe bench layer`` end to end on a tiny shape: every column measured, ratios from the times."""
+
+import json
+import math
+
+from launch.cli import main
+
+TIME_KEYS = ("ours_ms", "deepspeed_ms", "dense_mlp_ms", "dense_gemm_ms")
+RATIOS = {  # ratio key: (numerator, denominator)
+    "ours_per_dense_mlp": ("ours_ms", "dense_mlp_ms"),
+    "ours_per_dense_gemm": ("ours_ms", "dense_gemm_ms"),
+    "deepspeed_per_dense_mlp": ("deepspeed_ms", "dense_mlp_ms"),
+    "speedup_vs_deepspeed": ("deepspeed_ms", "ours_ms"),
+}
+
+
+def test_bench_layer_writes_consistent_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "layer", "--tokens", "64", "--shapes", "16,32,4,2", "--repeats", "1", "--json", str(path)]
+    assert main(argv) == 0
+    assert "ours/MLP" in capsys.readouterr().out
+
+    report = json.loads(path.read_text())
+    assert report["tokens"] == 64 and report["threads"] >= 1
+    (row,) = report["results"]
+    assert row["shape"] == {"d": 16, "f": 32, "E": 4, "k": 2}
+    assert row["deepspeed_error"] is None
+    for key in TIME_KEYS:
+        assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, key
+    for key, (numerator, denominator) in RATIOS.items():
+        assert abs(row[key] - row[numerator] / row[denominator]) <= 1e-9, key
