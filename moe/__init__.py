@@ -11,7 +11,7 @@ Imports ``kernels``; never ``parallel``, ``launch``, deepspeed or ray.
 
 from moe import balance
 from moe.config import MoEConfig
-from moe.dispatch import LocalDispatcher
+from moe.dispatch import GroupedRows, LocalDispatcher
 from moe.experts import GroupedExperts
 from moe.layer import MoELayer
 from moe.metrics import LoadMeter, collect_routing_metrics, load_entropy, max_violation, moe_layers, routing_metrics
@@ -21,6 +21,7 @@ from moe.schedules import k_at_step
 
 __all__ = [
     "GroupedExperts",
+    "GroupedRows",
     "LoadMeter",
     "LocalDispatcher",
     "MoEConfig",

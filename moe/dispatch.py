@@ -1,15 +1,21 @@
-"""Dispatchers: move token copies to their experts and the results back.
+"""Dispatchers: decide which rows each local expert computes, and bring the results home.
 
-``dispatch`` turns ``x [T, d]`` and a :class:`~moe.routers.Routing` into the rows each local expert
-computes, grouped by expert (``[N, d]``, N = kept assignments) plus ``tokens_per_local_expert``;
-``combine`` takes the experts' ``[N, d]`` output back to ``[T, d]`` as the routing-weighted sum
-over each token's k choices. :class:`LocalDispatcher` does this on one device;
-``parallel.AllToAllDispatcher`` adds the exchange between ranks behind the same interface.
+``dispatch(x, routing)`` returns :class:`GroupedRows`: the rows the experts read (``source``), and
+for every (token, choice) assignment kept, sorted by expert, the row it reads and writes
+(``row_index``) and its gate weight (``row_weight``). The experts gather, compute, weight and
+scatter-add in one fused op (``kernels.expert_mlp``), so no sorted copy of the tokens is ever
+made. ``combine(out, state)`` turns the experts' output rows into ``y [T, d]``.
+
+:class:`LocalDispatcher` (one device) reads and writes the layer's own token rows, so its
+``combine`` has nothing left to do. ``parallel``'s all-to-all dispatcher implements the same
+interface: its ``source`` is the rows received from other ranks, and its ``combine`` sends the
+results back.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,35 +23,42 @@ from moe.routers import Routing
 
 
 @dataclass
-class DispatchState:
-    """What ``combine`` needs from ``dispatch``."""
+class GroupedRows:
+    """The work of the local experts, grouped by expert without moving any row."""
 
-    source_token: torch.Tensor
-    """[N] int64: the token row each grouped row came from."""
-    weight: torch.Tensor
-    """[N] fp32: the gate weight of each grouped row."""
-    num_tokens: int
+    source: torch.Tensor
+    """[M, d]: the rows the experts read (and whose positions their output takes)."""
+    row_index: torch.Tensor
+    """[N] int64: the source row of each assignment, sorted by expert (stable within one)."""
+    row_weight: torch.Tensor
+    """[N]: the gate weight of each assignment."""
+    tokens_per_expert: torch.Tensor
+    """[E_local] int64: assignments per local expert (sums to N)."""
 
 
 class LocalDispatcher:
-    """Sort the T * k assignments by expert (stable, so token order is kept within an expert)."""
+    """Sort the T * k assignments by expert, on one device."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def dispatch(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
-        top_k = routing.indices.shape[1]
-        expert_of_slot = routing.indices.flatten()  # [T*k]
-        if routing.kept is not None:  # dropped slots sort past the last expert and are cut off
-            expert_of_slot = expert_of_slot.masked_fill(~routing.kept.flatten(), self.num_experts)
-        order = torch.argsort(expert_of_slot, stable=True)
-        num_kept = int(routing.tokens_per_expert.sum())
-        order = order[:num_kept]  # [N]
-        source_token = order // top_k
-        state = DispatchState(source_token, routing.weights.flatten()[order], x.shape[0])
-        return x[source_token], routing.tokens_per_expert, state  # [N, d], [E]
+    def dispatch(self, x: torch.Tensor, routing: Routing) -> tuple[GroupedRows, Any]:
+        return sort_by_expert(x, routing, self.num_experts), None
 
-    def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        weighted = y * state.weight.to(y.dtype).unsqueeze(1)  # [N, d]
-        out = y.new_zeros(state.num_tokens, y.shape[1])
-        return out.index_add(0, state.source_token, weighted)  # [T, d]
+    def combine(self, out: torch.Tensor, state: Any) -> torch.Tensor:
+        return out  # the experts already added each weighted result at its token's row
+
+
+def sort_by_expert(x: torch.Tensor, routing: Routing, num_experts: int) -> GroupedRows:
+    """Group the kept assignments of ``routing`` by expert (a stable sort keeps token order)."""
+    top_k = routing.indices.shape[1]
+    expert_of_slot = routing.indices.flatten()  # [T*k]
+    if routing.kept is not None:  # dropped slots sort past the last expert and are cut off
+        expert_of_slot = expert_of_slot.masked_fill(~routing.kept.flatten(), num_experts)
+    order = torch.argsort(expert_of_slot, stable=True)[: int(routing.tokens_per_expert.sum())]  # [N]
+    return GroupedRows(
+        source=x,
+        row_index=order // top_k,
+        row_weight=routing.weights.flatten()[order],
+        tokens_per_expert=routing.tokens_per_expert,
+    )

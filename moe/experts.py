@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
 from moe.config import MoEConfig
+from moe.dispatch import GroupedRows
 
 
 class GroupedExperts(nn.Module):
@@ -37,14 +37,10 @@ class GroupedExperts(nn.Module):
                 bound = 1.0 / math.sqrt(weight.shape[1])
                 nn.init.uniform_(weight, -bound, bound)
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """``x [N, d]`` grouped by expert with ``tokens_per_expert [E]`` rows each -> ``[N, d]``."""
-        offsets = kernels.offsets_from_counts(tokens_per_expert)
-        hidden = kernels.grouped_mm(x, self.w1, offsets, backend=self.backend)  # [N, f]
-        if self.activation == "swiglu":
-            hidden = F.silu(hidden) * kernels.grouped_mm(x, self.w3, offsets, backend=self.backend)
-        elif self.activation == "gelu":
-            hidden = F.gelu(hidden)
-        else:
-            hidden = F.relu(hidden)
-        return kernels.grouped_mm(hidden, self.w2, offsets, backend=self.backend)  # [N, d]
+    def forward(self, rows: GroupedRows) -> torch.Tensor:
+        """The weighted expert outputs, added at their source rows: ``[M, d]`` like ``rows.source``."""
+        offsets = kernels.offsets_from_counts(rows.tokens_per_expert)
+        return kernels.expert_mlp(
+            rows.source, rows.row_index, rows.row_weight, offsets, self.w1, self.w3, self.w2,
+            activation=self.activation, backend=self.backend,
+        )

@@ -49,9 +49,8 @@ class MoELayer(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # [T, d]
         routing = self.router(tokens, self.active_experts)
-        grouped, tokens_per_local_expert, state = self.dispatcher.dispatch(tokens, routing)  # [N, d]
-        expert_out = self.experts(grouped, tokens_per_local_expert)  # [N, d]
-        out = self.dispatcher.combine(expert_out, state)  # [T, d]
+        rows, state = self.dispatcher.dispatch(tokens, routing)
+        out = self.dispatcher.combine(self.experts(rows), state)  # [T, d]
         losses = [loss for loss in (routing.aux_loss, routing.z_loss) if loss is not None]
         self._losses = sum(losses) if losses else None
         self.last_routing = routing.detached()
