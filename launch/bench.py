@@ -6,7 +6,8 @@ same FLOPs:
 
     ours        ``moe.MoELayer`` (learned router, dropless) in train mode: ``layer(x).backward(g)``
     deepspeed   ``deepspeed.moe.layer.MoE``, dropless (drop_tokens=False, use_rts=False, no 2nd-expert
-                sampling, ep_size=1), each expert the same bias-free SwiGLU MLP
+                sampling, ep_size=1), each expert the same bias-free SwiGLU MLP, with our router
+                and expert weights copied in so both layers route every token identically
     dense MLP   that SwiGLU MLP applied to T*k rows: the experts' FLOPs with no routing or dispatch
     dense GEMM  only its three matmuls and their backward matmuls: the same FLOPs, nothing elementwise
 
@@ -128,11 +129,21 @@ def _dense_gemm_step(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: to
     return _timed(run, [])
 
 
-def _deepspeed_step(d: int, f: int, experts: int, k: int, x: torch.Tensor, grad: torch.Tensor) -> Step:
+def _deepspeed_step(ours, k: int, x: torch.Tensor, grad: torch.Tensor) -> Step:
+    """DeepSpeed's layer with our router and expert weights copied in, so both route every token
+    the same way (its dropless mode pads each expert to the busiest one's load, so the routing
+    decides its FLOPs)."""
     from deepspeed.moe.layer import MoE
 
+    d, f, experts = ours.config.hidden_size, ours.config.ffn_hidden_size, ours.config.num_experts
     layer = MoE(d, SwiGLU(d, f), num_experts=experts, ep_size=1, k=k, drop_tokens=False, use_rts=False,
                 top2_2nd_expert_sampling=False).train()
+    with torch.no_grad():
+        layer.deepspeed_moe.gate.wg.weight.copy_(ours.router.weight)
+        for e, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
+            expert.gate.weight.copy_(ours.experts.w1[e].t())
+            expert.up.weight.copy_(ours.experts.w3[e].t())
+            expert.down.weight.copy_(ours.experts.w2[e].t())
     step = _backward_step(layer, x, grad)
     step()  # fails here, not mid-measurement, on what DeepSpeed does not support
     return step
@@ -151,10 +162,11 @@ def _bench_shape(
     x_rep, grad_rep = torch.randn(tokens * k, d, requires_grad=True), torch.randn(tokens * k, d)
     w1, w3, w2 = (torch.randn(n, m).div_(math.sqrt(n)).requires_grad_() for n, m in ((d, f), (d, f), (f, d)))
 
-    steps = {"ours_ms": _backward_step(moe.MoELayer(config).train(), x, grad)}
+    ours = moe.MoELayer(config).train()
+    steps = {"ours_ms": _backward_step(ours, x, grad)}
     if deepspeed_error is None:
         try:
-            steps["deepspeed_ms"] = _deepspeed_step(d, f, experts, k, x, grad)
+            steps["deepspeed_ms"] = _deepspeed_step(ours, k, x, grad)
         except Exception as err:  # DeepSpeed's limits are a result to report, not a crash
             deepspeed_error = f"{type(err).__name__}: {err}".splitlines()[0]
     steps["dense_mlp_ms"] = _dense_mlp_step(x_rep, w1, w3, w2, grad_rep)
