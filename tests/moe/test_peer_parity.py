@@ -17,7 +17,6 @@ os.environ["DS_ACCELERATOR"] = "cpu"
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
