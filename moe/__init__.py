@@ -14,6 +14,7 @@ from moe.config import MoEConfig
 from moe.dispatch import GroupedRows, LocalDispatcher
 from moe.experts import GroupedExperts
 from moe.layer import MoELayer
+from moe.model import ModelConfig, MoETransformer
 from moe.metrics import LoadMeter, collect_routing_metrics, load_entropy, max_violation, moe_layers, routing_metrics
 from moe.routers import Routing, TopKRouter
 from moe.runtime import advance_k_schedule, collect_aux_losses, set_active_experts, update_expert_biases
@@ -26,6 +27,8 @@ __all__ = [
     "LocalDispatcher",
     "MoEConfig",
     "MoELayer",
+    "MoETransformer",
+    "ModelConfig",
     "Routing",
     "TopKRouter",
     "advance_k_schedule",

@@ -1,0 +1,239 @@
+"""A small decoder-only language model whose feed-forward blocks are MoE layers.
+
+token embedding -> L x [RMSNorm -> causal self-attention (rotary, SDPA) -> residual,
+                        RMSNorm -> MoE FFN (or dense SwiGLU FFN) -> residual]
+-> RMSNorm -> LM head (optionally tied to the embedding)
+
+Shapes: B batch, S sequence, d hidden, H heads, D = d / H head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.config import MoEConfig
+from moe.layer import MoELayer
+
+
+@dataclass
+class ModelConfig:
+    """The language model; ``moe`` configures every MoE feed-forward layer."""
+
+    vocab_size: int = 256
+    """Vocabulary size V (256: the byte-level default)."""
+
+    num_layers: int = 4
+    """Transformer blocks L."""
+
+    num_heads: int = 4
+    """Attention heads H; must divide ``moe.hidden_size``."""
+
+    max_seq_len: int = 256
+    """Longest sequence the rotary table covers."""
+
+    moe_every: int = 1
+    """Every n-th block (counting from the first) has an MoE FFN; the others a dense SwiGLU FFN."""
+
+    dense_ffn_hidden_size: Optional[int] = None
+    """Hidden width of the dense FFN blocks (default: moe.ffn_hidden_size * moe.top_k)."""
+
+    tie_embeddings: bool = True
+    """Share the token embedding with the LM head."""
+
+    rope_theta: float = 10000.0
+    """Rotary base frequency."""
+
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of embeddings and projections."""
+
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """The MoE layer configuration (hidden_size is the model width d)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, Mapping):
+            self.moe = MoEConfig.from_dict(self.moe)
+        for name in ("vocab_size", "num_layers", "num_heads", "max_seq_len", "moe_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name}={value!r} is invalid: expected an integer >= 1")
+        if self.moe.hidden_size % self.num_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads={self.num_heads!r} is invalid: it must divide moe.hidden_size ({self.moe.hidden_size})"
+            )
+        if (self.moe.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"ModelConfig.num_heads={self.num_heads!r} is invalid: the head dim must be even for rotary")
+        if self.dense_ffn_hidden_size is not None and (
+            isinstance(self.dense_ffn_hidden_size, bool) or not isinstance(self.dense_ffn_hidden_size, int) or self.dense_ffn_hidden_size < 1
+        ):
+            raise ValueError(f"ModelConfig.dense_ffn_hidden_size={self.dense_ffn_hidden_size!r} is invalid: expected an integer >= 1 or null")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"ModelConfig.{name}={value!r} is invalid: expected a finite number > 0")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"ModelConfig.tie_embeddings={self.tie_embeddings!r} is invalid: expected true or false")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.moe.hidden_size
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx % self.moe_every == 0
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a mapping (with a nested ``moe`` mapping); unknown keys raise ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary_table(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+    """``[S, D/2, 2]``: cos and sin of position * theta^(-2i/D)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # [S, D/2]
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of ``x [B, H, S, D]`` by the angles of ``table [S, D/2, 2]``."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, S, D/2, 2]
+    cos, sin = table[..., 0], table[..., 1]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
+        batch, seq, d = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, rotary[:seq]), apply_rotary(k, rotary[:seq])  # [B, H, S, D]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(batch, seq, d))
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU feed-forward for the blocks that are not MoE."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, ffn, bias=False)
+        self.w3 = nn.Linear(hidden, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        d = config.hidden_size
+        self.attn_norm = RMSNorm(d, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(d, config.norm_eps)
+        if config.is_moe_layer(layer_idx):
+            self.ffn = MoELayer(config.moe, layer_idx=layer_idx)
+        else:
+            ffn = config.dense_ffn_hidden_size or config.moe.ffn_hidden_size * config.moe.top_k
+            self.ffn = DenseFFN(d, ffn)
+
+    def forward(self, x: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MoETransformer(nn.Module):
+    """``logits = model(input_ids)``; ``model(input_ids, labels)`` also returns the mean
+    next-token cross-entropy (labels are the targets of each position; -100 is ignored)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.embed = nn.Embedding(config.vocab_size, d)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(d, config.norm_eps)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        self.register_buffer(
+            "rotary", rotary_table(d // config.num_heads, config.max_seq_len, config.rope_theta), persistent=False
+        )
+        self._init_weights()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _init_weights(self) -> None:
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        # Scale the projections that write into the residual stream by depth (GPT-2 style).
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out.weight, mean=0.0, std=residual_std)
+            if isinstance(block.ffn, DenseFFN):
+                nn.init.normal_(block.ffn.w2.weight, mean=0.0, std=residual_std)
+            else:
+                experts = block.ffn.experts
+                for weight in (experts.w1, experts.w3):
+                    if weight is not None:
+                        nn.init.normal_(weight, mean=0.0, std=std)
+                nn.init.normal_(experts.w2, mean=0.0, std=residual_std)
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        if input_ids.shape[-1] > self.config.max_seq_len:
+            raise ValueError(f"sequence length {input_ids.shape[-1]} exceeds max_seq_len {self.config.max_seq_len}")
+        x = self.embed(input_ids)  # [B, S, d]
+        for block in self.blocks:
+            x = block(x, self.rotary)
+        logits = self.lm_head(self.norm(x))  # [B, S, V]
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def num_parameters(self, active_k: Optional[int] = None) -> int:
+        """All parameters, or those one token uses when each MoE layer runs ``active_k`` experts."""
+        total = sum(p.numel() for p in self.parameters())
+        if active_k is None:
+            return total
+        inactive = 0
+        for block in self.blocks:
+            if isinstance(block.ffn, MoELayer):
+                experts = block.ffn.experts
+                per_expert = sum(w[0].numel() for w in (experts.w1, experts.w2, experts.w3) if w is not None)
+                inactive += (experts.num_experts - active_k) * per_expert
+        return total - inactive
