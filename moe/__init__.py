@@ -15,6 +15,7 @@ from moe.dispatch import GroupedRows, LocalDispatcher
 from moe.experts import GroupedExperts
 from moe.layer import MoELayer
 from moe.model import ModelConfig, MoETransformer
+from moe.pretrained import load_pretrained, save_pretrained
 from moe.metrics import LoadMeter, collect_routing_metrics, load_entropy, max_violation, moe_layers, routing_metrics
 from moe.routers import Routing, TopKRouter
 from moe.runtime import advance_k_schedule, collect_aux_losses, set_active_experts, update_expert_biases
@@ -37,9 +38,11 @@ __all__ = [
     "collect_routing_metrics",
     "k_at_step",
     "load_entropy",
+    "load_pretrained",
     "max_violation",
     "moe_layers",
     "routing_metrics",
+    "save_pretrained",
     "set_active_experts",
     "update_expert_biases",
 ]

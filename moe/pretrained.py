@@ -1,0 +1,58 @@
+"""Exported models: ``model.safetensors`` (weights and persistent buffers) beside ``config.json``.
+
+Loading never unpickles anything: the config is JSON and the tensors are safetensors. The fixed
+random routers and the expert biases are persistent buffers, so they travel with the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe.model import ModelConfig, MoETransformer
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+FORMAT = "slimmoe-v1"
+
+
+def save_pretrained(model: MoETransformer, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``path/model.safetensors`` and ``path/config.json`` (each to a temporary name, then
+    renamed, so an interrupted export never leaves a half-written file under the final name)."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # the same tensor as embed.weight
+    weights_tmp, config_tmp = out / (WEIGHTS_NAME + ".tmp"), out / (CONFIG_NAME + ".tmp")
+    save_file(state, str(weights_tmp), metadata={"format": FORMAT})
+    config_tmp.write_text(json.dumps({"format": FORMAT, "model": model.config.to_dict(), **(metadata or {})}, indent=2))
+    os.replace(weights_tmp, out / WEIGHTS_NAME)
+    os.replace(config_tmp, out / CONFIG_NAME)
+    return out
+
+
+def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> MoETransformer:
+    """The model exported at ``path`` in eval mode; a path that is not an export is a ``ValueError``."""
+    root = Path(path)
+    config_path, weights_path = root / CONFIG_NAME, root / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ValueError(f"{str(root)!r} is not an exported model: expected {CONFIG_NAME} and {WEIGHTS_NAME} in it")
+    try:
+        meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{config_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    model = MoETransformer(ModelConfig.from_dict(meta["model"]))
+    state = load_file(str(weights_path), device="cpu")
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.to(device).eval()
