@@ -1,0 +1,223 @@
+"""Run configs: YAML files that map one to one onto dataclasses, with ``--set`` overrides.
+
+A run config has the sections ``model`` (:class:`moe.ModelConfig`, with its nested ``moe``
+section), ``data`` (:class:`DataConfig`), ``train`` (:class:`TrainConfig`), ``deepspeed`` (the
+DeepSpeed config, passed to ``deepspeed.initialize`` after the trainer fills in the batch sizes)
+and ``out_dir``. Unknown keys, in any section, are errors that name the key.
+
+Overrides: ``--set train.lr=1e-3 --set model.moe.num_experts=16``; the value is parsed as YAML, so
+numbers, booleans, null and lists work as they do in the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import yaml
+
+from moe import ModelConfig
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` as a float (YAML 1.2), not the string YAML 1.1 makes of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def _check_positive_int(section: str, name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{section}.{name}={value!r} is invalid: expected an integer >= {minimum}")
+
+
+def _check_number(section: str, name: str, value: Any, minimum: float = 0.0, strict: bool = False) -> None:
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if bad or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{section}.{name}={value!r} is invalid: expected a finite number {'>' if strict else '>='} {minimum}")
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from."""
+
+    path: Optional[str] = None
+    """A .txt/.jsonl file or a folder of them; null = the built-in corpus (the stdlib's .py files)."""
+
+    val_permille: int = 50
+    """Share of files held out for validation, in thousandths (chosen by a hash of the path)."""
+
+    cache_dir: str = "runs/cache"
+    """Where tokenised corpora are cached (one folder per corpus fingerprint)."""
+
+    def __post_init__(self) -> None:
+        _check_positive_int("data", "val_permille", self.val_permille, minimum=0)
+        if self.val_permille >= 1000:
+            raise ValueError(f"data.val_permille={self.val_permille!r} is invalid: expected 0..999")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = 300
+    """Optimizer steps."""
+
+    micro_batch_size: int = 8
+    """Sequences per rank per micro-batch."""
+
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+
+    seq_len: int = 128
+    """Tokens per training sequence (at most model.max_seq_len)."""
+
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at lr * min_lr_ratio."""
+
+    warmup_steps: int = 30
+    """Linear warmup from 0 to lr over these steps."""
+
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+
+    betas: tuple = (0.9, 0.95)
+    """AdamW betas."""
+
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 disables it)."""
+
+    seed: int = 0
+    """Seed of the weights, the sampler and dropout-free randomness."""
+
+    log_every: int = 10
+    """Steps between metric records (console, TensorBoard, JSONL)."""
+
+    eval_every: int = 100
+    """Steps between validation passes (and one at the end)."""
+
+    eval_batches: int = 8
+    """Validation batches per rank per pass."""
+
+    save_every: int = 100
+    """Steps between DeepSpeed checkpoints (and one at the end)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches", "save_every"):
+            _check_positive_int("train", name, getattr(self, name))
+        _check_positive_int("train", "warmup_steps", self.warmup_steps, minimum=0)
+        _check_positive_int("train", "seed", self.seed, minimum=0)
+        _check_number("train", "lr", self.lr, strict=True)
+        _check_number("train", "min_lr_ratio", self.min_lr_ratio)
+        _check_number("train", "weight_decay", self.weight_decay)
+        _check_number("train", "grad_clip", self.grad_clip)
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas={self.betas!r} is invalid: expected two numbers in [0, 1)")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: what to train, on what, how, and where to write it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: dict = field(default_factory=lambda: {"zero_optimization": {"stage": 0}})
+    """DeepSpeed config; the trainer sets the batch sizes, optimizer and scheduler from ``train``."""
+    out_dir: str = "runs/default"
+    """Where checkpoints, logs, TensorBoard files and exports go."""
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len={self.train.seq_len!r} is invalid: at most model.max_seq_len ({self.model.max_seq_len})"
+            )
+        if not isinstance(self.deepspeed, dict):
+            raise ValueError(f"deepspeed={self.deepspeed!r} is invalid: expected a mapping (a DeepSpeed config)")
+        owned = sorted({"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler"} & set(self.deepspeed))
+        if owned:
+            raise ValueError(f"deepspeed.{owned[0]} is set by the trainer from the train section; remove it from the config")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _section(cls, values: Any, name: str):
+    if values is None:
+        return cls()
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{name}: expected a mapping, got {type(values).__name__}")
+    if cls is ModelConfig:
+        return ModelConfig.from_dict(values)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{name}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    return cls(**dict(values))
+
+
+def run_config_from_dict(values: Mapping[str, Any]) -> RunConfig:
+    known = set(SECTIONS) | {"deepspeed", "out_dir"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown top-level key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    sections = {name: _section(cls, values.get(name), name) for name, cls in SECTIONS.items()}
+    deepspeed = values.get("deepspeed") or {}
+    return RunConfig(**sections, deepspeed=deepspeed, out_dir=str(values.get("out_dir", RunConfig.out_dir)))
+
+
+def apply_override(values: dict, assignment: str) -> None:
+    """Apply ``section.key=value`` (any depth) to the raw mapping ``values`` in place."""
+    if "=" not in assignment:
+        raise ValueError(f"--set {assignment!r}: expected section.key=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ValueError(f"--set {assignment!r}: empty key in {dotted!r}")
+    node = values
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {assignment!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = _parse_yaml(raw) if raw.strip() else None
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides, validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        values = _parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    for assignment in overrides:
+        apply_override(values, assignment)
+    try:
+        return run_config_from_dict(values)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
