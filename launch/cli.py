@@ -3,6 +3,7 @@
     moe demo [--tokens T] [--steps S] ...   route a synthetic token stream through one MoE layer and
                                             print routing statistics (the main job until training lands)
     moe bench layer                          time the MoE layer against deepspeed.moe and dense matmuls
+    moe config CONFIG [--set k=v]            validate a run config, print it and its parameter counts
 
 Errors a user can cause print one line on stderr and exit with status 2.
 """
@@ -18,7 +19,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch import bench, demo
+    from launch import bench, demo, inspect_config
 
     parser = argparse.ArgumentParser(
         prog="moe",
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     demo.add_parser(commands)
+    inspect_config.add_parser(commands)
     bench.add_parser(commands)
     return parser
 

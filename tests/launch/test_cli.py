@@ -12,7 +12,7 @@ from launch.cli import main
 
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "launch.cli", "--help"], capture_output=True, text=True, check=True)
-    assert "demo" in out.stdout and "bench" in out.stdout
+    assert all(name in out.stdout for name in ("demo", "bench", "config"))
 
 
 def test_demo_trains_and_prints_routing_statistics(capsys):
@@ -29,3 +29,17 @@ def test_bad_input_is_one_line_and_exit_2(capsys):
     assert main(["demo", "--steps", "2", "--experts", "4", "--k-max", "9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "MoEConfig.k_max=9" in err[0] and "at most num_experts (4)" in err[0]
+
+
+def test_config_command_prints_parameter_counts_of_the_built_model(capsys):
+    from launch.config import load_run_config
+    from moe import MoETransformer
+
+    assert main(["config", "configs/tiny.yaml", "--set", "model.num_layers=2"]) == 0
+    out = capsys.readouterr().out
+    model = MoETransformer(load_run_config("configs/tiny.yaml", ["model.num_layers=2"]).model)
+    assert f"parameters: {model.num_parameters():,} total" in out
+    assert f"parameters: {model.num_parameters(active_k=2):,} active per token at k=2" in out
+    assert "num_layers: 2" in out
+    assert main(["config", "configs/missing.yaml"]) == 2
+    assert "does not exist" in capsys.readouterr().err
