@@ -28,8 +28,7 @@ def set_active_experts(module: nn.Module, k: Union[int, Sequence[int]]) -> None:
     ks = list(k) if isinstance(k, (list, tuple)) else [k] * len(layers)
     if len(ks) != len(layers):
         raise ValueError(f"set_active_experts: got {len(ks)} values of k for {len(layers)} MoE layers")
-    for layer in layers:  # validate everything before changing anything
-        layer_k = ks[layers.index(layer)]
+    for layer, layer_k in zip(layers, ks):  # validate everything before changing anything
         if isinstance(layer_k, bool) or not isinstance(layer_k, int) or not 1 <= layer_k <= layer.num_experts:
             raise ValueError(
                 f"set_active_experts: k={layer_k!r} is invalid for MoE layer {layer.layer_idx}: "
