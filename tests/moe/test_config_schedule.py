@@ -131,17 +131,21 @@ def test_fixed_random_router_is_seeded_frozen_and_checkpointed():
     assert "0.router.weight" in a.state_dict()
     assert not any("router" in name for name, _ in a.named_parameters())
 
+    torch.manual_seed(0)
     model = _model(router="random", balance="bias", top_k=2)
     frozen = [layer.router.weight.clone() for layer in model]
     experts_before = [layer.experts.w1.detach().clone() for layer in model]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    bias_moved = [False] * len(model)
     for _ in range(5):
         loss = model(torch.randn(16, 8)).square().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         moe.update_expert_biases(model)
+        # (sign steps of exactly +-rate can cancel back to 0, so look at every step, not the end)
+        bias_moved = [moved or bool(layer.router.expert_bias.any()) for moved, layer in zip(bias_moved, model)]
     for layer, weight, w1 in zip(model, frozen, experts_before):
         assert torch.equal(layer.router.weight, weight)  # bit-identical
         assert not torch.equal(layer.experts.w1, w1)  # the experts trained
-        assert layer.router.expert_bias.abs().sum() > 0  # the bias moved
+    assert all(bias_moved)

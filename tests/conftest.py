@@ -1,0 +1,12 @@
+"""Every test starts from the same random state, so a failure always reproduces."""
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    yield
