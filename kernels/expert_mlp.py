@@ -80,14 +80,11 @@ def _blocks(offsets: torch.Tensor, block_rows: int):
         yield block_start, block[-1][2], block
 
 
-def _weight_grad(weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _weight_grad(weight: torch.Tensor, empty_experts: list[int]) -> torch.Tensor:
     """Gradient buffer: left uninitialised where a GEMM will write it, zero for experts without rows."""
     grad = torch.empty_like(weight)
-    start = 0
-    for expert, end in enumerate(offsets.tolist()):
-        if end == start:
-            grad[expert].zero_()
-        start = end
+    for expert in empty_experts:
+        grad[expert].zero_()
     return grad
 
 
@@ -135,10 +132,13 @@ class _BlockedExpertMLP(torch.autograd.Function):
         weight = row_weight.to(x.dtype).unsqueeze(1)
         grad_x = torch.zeros_like(x) if need_x else None
         grad_row_weight = torch.empty_like(row_weight) if need_weight else None
-        grad_w1 = _weight_grad(w1, offsets) if need_w1 else None
-        grad_w3 = _weight_grad(w3, offsets) if need_w3 else None
-        grad_w2 = _weight_grad(w2, offsets) if need_w2 else None
-        for bs, bt, experts in _blocks(offsets, _block_rows(x, w1.shape[2])):
+        blocks = list(_blocks(offsets, _block_rows(x, w1.shape[2])))
+        busy = {e for _, _, experts in blocks for e, _, _ in experts}
+        empty = [e for e in range(w1.shape[0]) if e not in busy]
+        grad_w1 = _weight_grad(w1, empty) if need_w1 else None
+        grad_w3 = _weight_grad(w3, empty) if need_w3 else None
+        grad_w2 = _weight_grad(w2, empty) if need_w2 else None
+        for bs, bt, experts in blocks:
             rows = row_index[bs:bt]
             h1 = h1_all[bs:bt]
             h3 = None if h3_all is None else h3_all[bs:bt]

@@ -96,19 +96,6 @@ def _backward_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> St
     return _timed(run, [x, *module.parameters()])
 
 
-class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))``, bias-free: one expert, the same MLP as ours."""
-
-    def __init__(self, hidden: int, ffn: int):
-        super().__init__()
-        self.gate = nn.Linear(hidden, ffn, bias=False)
-        self.up = nn.Linear(hidden, ffn, bias=False)
-        self.down = nn.Linear(ffn, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
 def _dense_mlp_step(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, grad: torch.Tensor) -> Step:
     """The experts' SwiGLU MLP on all of ``x`` (T*k rows) at once, through autograd like ours."""
     return _timed(lambda: ((F.silu(x @ w1) * (x @ w3)) @ w2).backward(grad), [x, w1, w3, w2])
@@ -135,15 +122,16 @@ def _deepspeed_step(ours, k: int, x: torch.Tensor, grad: torch.Tensor) -> Step:
     decides its FLOPs)."""
     from deepspeed.moe.layer import MoE
 
+    from moe.model import DenseFFN
+
     d, f, experts = ours.config.hidden_size, ours.config.ffn_hidden_size, ours.config.num_experts
-    layer = MoE(d, SwiGLU(d, f), num_experts=experts, ep_size=1, k=k, drop_tokens=False, use_rts=False,
+    layer = MoE(d, DenseFFN(d, f), num_experts=experts, ep_size=1, k=k, drop_tokens=False, use_rts=False,
                 top2_2nd_expert_sampling=False).train()
     with torch.no_grad():
         layer.deepspeed_moe.gate.wg.weight.copy_(ours.router.weight)
         for e, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
-            expert.gate.weight.copy_(ours.experts.w1[e].t())
-            expert.up.weight.copy_(ours.experts.w3[e].t())
-            expert.down.weight.copy_(ours.experts.w2[e].t())
+            for name in ("w1", "w3", "w2"):  # nn.Linear stores [out, in]; ours is [in, out]
+                getattr(expert, name).weight.copy_(getattr(ours.experts, name)[e].t())
     step = _backward_step(layer, x, grad)
     step()  # fails here, not mid-measurement, on what DeepSpeed does not support
     return step

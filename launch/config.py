@@ -12,7 +12,6 @@ numbers, booleans, null and lists work as they do in the file.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from moe import ModelConfig
+from moe.validation import check_int, check_number, fail, from_dict
 
 
 class _Loader(yaml.SafeLoader):
@@ -38,17 +38,6 @@ def _parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-def _check_positive_int(section: str, name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{section}.{name}={value!r} is invalid: expected an integer >= {minimum}")
-
-
-def _check_number(section: str, name: str, value: Any, minimum: float = 0.0, strict: bool = False) -> None:
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-    if bad or value < minimum or (strict and value == minimum):
-        raise ValueError(f"{section}.{name}={value!r} is invalid: expected a finite number {'>' if strict else '>='} {minimum}")
-
-
 @dataclass
 class DataConfig:
     """Where the tokens come from."""
@@ -63,9 +52,9 @@ class DataConfig:
     """Where tokenised corpora are cached (one folder per corpus fingerprint)."""
 
     def __post_init__(self) -> None:
-        _check_positive_int("data", "val_permille", self.val_permille, minimum=0)
+        check_int("data", "val_permille", self.val_permille, minimum=0)
         if self.val_permille >= 1000:
-            raise ValueError(f"data.val_permille={self.val_permille!r} is invalid: expected 0..999")
+            fail("data", "val_permille", self.val_permille, "expected 0..999")
 
 
 @dataclass
@@ -119,16 +108,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches", "save_every"):
-            _check_positive_int("train", name, getattr(self, name))
-        _check_positive_int("train", "warmup_steps", self.warmup_steps, minimum=0)
-        _check_positive_int("train", "seed", self.seed, minimum=0)
-        _check_number("train", "lr", self.lr, strict=True)
-        _check_number("train", "min_lr_ratio", self.min_lr_ratio)
-        _check_number("train", "weight_decay", self.weight_decay)
-        _check_number("train", "grad_clip", self.grad_clip)
+            check_int("train", name, getattr(self, name))
+        check_int("train", "warmup_steps", self.warmup_steps, minimum=0)
+        check_int("train", "seed", self.seed, minimum=0)
+        check_number("train", "lr", self.lr, strict=True)
+        check_number("train", "min_lr_ratio", self.min_lr_ratio)
+        check_number("train", "weight_decay", self.weight_decay)
+        check_number("train", "grad_clip", self.grad_clip)
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
-            raise ValueError(f"train.betas={self.betas!r} is invalid: expected two numbers in [0, 1)")
+            fail("train", "betas", self.betas, "expected two numbers in [0, 1)")
 
 
 @dataclass
@@ -166,13 +155,7 @@ def _section(cls, values: Any, name: str):
         return cls()
     if not isinstance(values, Mapping):
         raise ValueError(f"{name}: expected a mapping, got {type(values).__name__}")
-    if cls is ModelConfig:
-        return ModelConfig.from_dict(values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{name}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-    return cls(**dict(values))
+    return from_dict(cls, values, owner=name)
 
 
 def run_config_from_dict(values: Mapping[str, Any]) -> RunConfig:

@@ -7,10 +7,10 @@ onto these fields one to one (see :meth:`MoEConfig.from_dict`); unknown keys are
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional
+
+from moe.validation import check_bool, check_choice, check_int, check_number, fail, from_dict
 
 ROUTERS = ("learned", "random")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -23,23 +23,11 @@ K_SCHEDULES = ("constant", "linear", "cosine", "exponential", "multistep")
 EXPERT_BACKENDS = ("torch", "loop")
 
 
+_OWNER = "MoEConfig"
+
+
 def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
-
-
-def _one_of(field: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        _fail(field, value, f"expected one of {', '.join(repr(c) for c in choices)}")
-
-
-def _positive_int(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        _fail(field, value, "expected an integer >= 1")
-
-
-def _non_negative(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        _fail(field, value, "expected a finite number >= 0")
+    fail(_OWNER, field, value, allowed)
 
 
 @dataclass
@@ -130,32 +118,27 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "k_schedule_steps"):
-            _positive_int(name, getattr(self, name))
+            check_int(_OWNER, name, getattr(self, name))
         if self.top_k > self.num_experts:
             _fail("top_k", self.top_k, f"expected 1 <= top_k <= num_experts ({self.num_experts})")
-        _one_of("router", self.router, ROUTERS)
-        _one_of("score_function", self.score_function, SCORE_FUNCTIONS)
-        if not isinstance(self.normalize_topk, bool):
-            _fail("normalize_topk", self.normalize_topk, "expected true or false")
-        _one_of("balance", self.balance, BALANCES)
-        for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
-            _non_negative(name, getattr(self, name))
-        _one_of("bias_update_schedule", self.bias_update_schedule, BIAS_UPDATE_SCHEDULES)
-        _non_negative("bias_update_t0", self.bias_update_t0)
-        if self.bias_update_t0 == 0:
-            _fail("bias_update_t0", self.bias_update_t0, "expected a number > 0")
-        _one_of("bias_update_mode", self.bias_update_mode, BIAS_UPDATE_MODES)
+        check_choice(_OWNER, "router", self.router, ROUTERS)
+        check_choice(_OWNER, "score_function", self.score_function, SCORE_FUNCTIONS)
+        check_bool(_OWNER, "normalize_topk", self.normalize_topk)
+        check_choice(_OWNER, "balance", self.balance, BALANCES)
+        for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate", "router_init_std"):
+            check_number(_OWNER, name, getattr(self, name))
+        check_choice(_OWNER, "bias_update_schedule", self.bias_update_schedule, BIAS_UPDATE_SCHEDULES)
+        check_number(_OWNER, "bias_update_t0", self.bias_update_t0, strict=True)
+        check_choice(_OWNER, "bias_update_mode", self.bias_update_mode, BIAS_UPDATE_MODES)
         if self.capacity_factor is not None:
-            _non_negative("capacity_factor", self.capacity_factor)
-            if self.capacity_factor == 0:
-                _fail("capacity_factor", self.capacity_factor, "expected a number > 0, or null for dropless")
-        _one_of("drop_policy", self.drop_policy, DROP_POLICIES)
-        _one_of("activation", self.activation, ACTIVATIONS)
-        _non_negative("router_init_std", self.router_init_std)
-        if isinstance(self.router_seed, bool) or not isinstance(self.router_seed, int) or self.router_seed < 0:
-            _fail("router_seed", self.router_seed, "expected an integer >= 0")
-        _one_of("expert_backend", self.expert_backend, EXPERT_BACKENDS)
-        _one_of("k_schedule", self.k_schedule, K_SCHEDULES)
+            bad = isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float))
+            if bad or not self.capacity_factor > 0 or self.capacity_factor == float("inf"):
+                _fail("capacity_factor", self.capacity_factor, "expected a finite number > 0, or null for dropless")
+        check_choice(_OWNER, "drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice(_OWNER, "activation", self.activation, ACTIVATIONS)
+        check_int(_OWNER, "router_seed", self.router_seed, minimum=0)
+        check_choice(_OWNER, "expert_backend", self.expert_backend, EXPERT_BACKENDS)
+        check_choice(_OWNER, "k_schedule", self.k_schedule, K_SCHEDULES)
         self._validate_k_range()
 
     def _validate_k_range(self) -> None:
@@ -164,7 +147,7 @@ class MoEConfig:
         if self.k_max is None:
             self.k_max = self.num_experts if self.k_schedule != "constant" else self.top_k
         for name in ("k_min", "k_max"):
-            _positive_int(name, getattr(self, name))
+            check_int(_OWNER, name, getattr(self, name))
             if getattr(self, name) > self.num_experts:
                 _fail(name, getattr(self, name), f"expected at most num_experts ({self.num_experts})")
         if self.k_min > self.k_max:
@@ -178,11 +161,7 @@ class MoEConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "MoEConfig":
         """Build from a mapping (a YAML section); unknown keys raise ``ValueError`` naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"MoEConfig: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-        return cls(**dict(values))
+        return from_dict(cls, values)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return asdict(self)

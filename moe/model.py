@@ -20,6 +20,9 @@ from torch import nn
 
 from moe.config import MoEConfig
 from moe.layer import MoELayer
+from moe.validation import check_bool, check_int, check_number, fail, from_dict
+
+_OWNER = "ModelConfig"
 
 
 @dataclass
@@ -63,25 +66,16 @@ class ModelConfig:
         if isinstance(self.moe, Mapping):
             self.moe = MoEConfig.from_dict(self.moe)
         for name in ("vocab_size", "num_layers", "num_heads", "max_seq_len", "moe_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ModelConfig.{name}={value!r} is invalid: expected an integer >= 1")
+            check_int(_OWNER, name, getattr(self, name))
         if self.moe.hidden_size % self.num_heads:
-            raise ValueError(
-                f"ModelConfig.num_heads={self.num_heads!r} is invalid: it must divide moe.hidden_size ({self.moe.hidden_size})"
-            )
+            fail(_OWNER, "num_heads", self.num_heads, f"it must divide moe.hidden_size ({self.moe.hidden_size})")
         if (self.moe.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"ModelConfig.num_heads={self.num_heads!r} is invalid: the head dim must be even for rotary")
-        if self.dense_ffn_hidden_size is not None and (
-            isinstance(self.dense_ffn_hidden_size, bool) or not isinstance(self.dense_ffn_hidden_size, int) or self.dense_ffn_hidden_size < 1
-        ):
-            raise ValueError(f"ModelConfig.dense_ffn_hidden_size={self.dense_ffn_hidden_size!r} is invalid: expected an integer >= 1 or null")
+            fail(_OWNER, "num_heads", self.num_heads, "the head dim must be even for rotary")
+        if self.dense_ffn_hidden_size is not None:
+            check_int(_OWNER, "dense_ffn_hidden_size", self.dense_ffn_hidden_size)
         for name in ("rope_theta", "norm_eps", "init_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"ModelConfig.{name}={value!r} is invalid: expected a finite number > 0")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"ModelConfig.tie_embeddings={self.tie_embeddings!r} is invalid: expected true or false")
+            check_number(_OWNER, name, getattr(self, name), strict=True)
+        check_bool(_OWNER, "tie_embeddings", self.tie_embeddings)
 
     @property
     def hidden_size(self) -> int:
@@ -93,11 +87,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
         """Build from a mapping (with a nested ``moe`` mapping); unknown keys raise ``ValueError``."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-        return cls(**dict(values))
+        return from_dict(cls, values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -45,7 +45,7 @@ def test_overrides_reach_any_depth_and_are_typed():
     [
         (["train.learning_rate=1"], "train: unknown key\\(s\\) learning_rate"),
         (["model.moe.k_max=9"], "MoEConfig.k_max=9 is invalid: expected at most num_experts \\(8\\)"),
-        (["model.layers=2"], "ModelConfig: unknown key\\(s\\) layers"),
+        (["model.layers=2"], "model: unknown key\\(s\\) layers"),
         (["trainer.steps=2"], "unknown top-level key\\(s\\) trainer"),
         (["train.seq_len=512"], "train.seq_len=512 is invalid: at most model.max_seq_len \\(128\\)"),
         (["train.steps=0"], "train.steps=0 is invalid"),

@@ -48,7 +48,11 @@ def test_split_by_file_hash_is_stable_and_disjoint(tmp_path):
         marker = f"document {i} "  # the trailing space keeps "document 1 " out of "document 10 "
         assert (marker in val_text) == (f"doc{i:03d}.txt" in val_names)
         assert (marker in train_text) != (marker in val_text)  # every file on exactly one side
-    assert is_validation("a/b.py", 50) == is_validation("a/b.py", 50)
+    # the rule itself: the first 8 bytes of sha1(path), big-endian, modulo 1000, below the threshold
+    import hashlib
+    for name in ("a/b.py", "os.py", "x/y/z.txt"):
+        bucket = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") % 1000
+        assert is_validation(name, bucket + 1) and not is_validation(name, bucket)
 
 
 def test_cache_is_reused_until_the_corpus_changes(tmp_path):
