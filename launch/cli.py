@@ -1,7 +1,11 @@
 """The ``moe`` command line.
 
-    moe demo [--tokens T] [--steps S] ...   route a synthetic token stream through one MoE layer and
-                                            print routing statistics (the main job until training lands)
+    moe train --config CONFIG [--nproc N] [--resume] [--set k=v]
+                                             train a MoE language model (wraps the deepspeed launcher)
+    moe eval --model PATH [--k K]            validation loss, perplexity, MaxVio and tokens/s
+    moe export CHECKPOINT OUT                a checkpoint as safetensors + JSON config
+    moe demo [--tokens T] [--steps S] ...    route a synthetic token stream through one MoE layer and
+                                             print routing statistics
     moe bench layer                          time the MoE layer against deepspeed.moe and dense matmuls
     moe config CONFIG [--set k=v]            validate a run config, print it and its parameter counts
 
@@ -19,7 +23,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch import bench, demo, inspect_config
+    from launch import bench, demo, evaluate, export, inspect_config, train
 
     parser = argparse.ArgumentParser(
         prog="moe",
@@ -27,8 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    demo.add_parser(commands)
+    train.add_parser(commands)
+    evaluate.add_parser(commands)
+    export.add_parser(commands)
     inspect_config.add_parser(commands)
+    demo.add_parser(commands)
     bench.add_parser(commands)
     return parser
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from moe import ModelConfig
-from moe.validation import check_int, check_number, fail, from_dict
+from moe.validation import check_choice, check_int, check_number, fail, from_dict
 
 
 class _Loader(yaml.SafeLoader):
@@ -98,7 +98,7 @@ class TrainConfig:
     """Steps between metric records (console, TensorBoard, JSONL)."""
 
     eval_every: int = 100
-    """Steps between validation passes (and one at the end)."""
+    """Steps between validation passes (also one before the first step and one at the end; 0: none)."""
 
     eval_batches: int = 8
     """Validation batches per rank per pass."""
@@ -106,11 +106,20 @@ class TrainConfig:
     save_every: int = 100
     """Steps between DeepSpeed checkpoints (and one at the end)."""
 
+    keep_checkpoints: int = 3
+    """Newest checkpoints kept; older ones are deleted once a newer one is complete (0 keeps all)."""
+
+    precision: str = "auto"
+    """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
+
     def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches", "save_every"):
+        for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "eval_batches", "save_every"):
             check_int("train", name, getattr(self, name))
         check_int("train", "warmup_steps", self.warmup_steps, minimum=0)
+        check_int("train", "eval_every", self.eval_every, minimum=0)
         check_int("train", "seed", self.seed, minimum=0)
+        check_int("train", "keep_checkpoints", self.keep_checkpoints, minimum=0)
+        check_choice("train", "precision", self.precision, ("auto", "fp32", "bf16"))
         check_number("train", "lr", self.lr, strict=True)
         check_number("train", "min_lr_ratio", self.min_lr_ratio)
         check_number("train", "weight_decay", self.weight_decay)
@@ -139,13 +148,32 @@ class RunConfig:
             )
         if not isinstance(self.deepspeed, dict):
             raise ValueError(f"deepspeed={self.deepspeed!r} is invalid: expected a mapping (a DeepSpeed config)")
-        owned = sorted({"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler"} & set(self.deepspeed))
+        owned = sorted(set(TRAINER_OWNED_DEEPSPEED_KEYS) & set(self.deepspeed))
         if owned:
-            raise ValueError(f"deepspeed.{owned[0]} is set by the trainer from the train section; remove it from the config")
+            raise ValueError(
+                f"deepspeed.{owned[0]} is set by the trainer from train.{TRAINER_OWNED_DEEPSPEED_KEYS[owned[0]]}; "
+                "remove it from the deepspeed section"
+            )
+        zero = self.deepspeed.get("zero_optimization", {})
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+        if stage not in (0, 1, 2):
+            raise ValueError(f"deepspeed.zero_optimization.stage={stage!r} is invalid: expected 0, 1 or 2")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+TRAINER_OWNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "micro_batch_size and grad_accum",
+    "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "gradient_clipping": "grad_clip",
+    "optimizer": "lr, betas and weight_decay",
+    "scheduler": "warmup_steps and min_lr_ratio",
+    "bf16": "precision",
+    "fp16": "precision",
+}
+"""DeepSpeed keys the trainer fills in, mapped to the ``train`` fields they come from."""
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 

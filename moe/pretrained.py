@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from moe.metrics import moe_layers
 from moe.model import ModelConfig, MoETransformer
+from moe.runtime import set_active_experts
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -22,7 +24,10 @@ FORMAT = "slimmoe-v1"
 
 def save_pretrained(model: MoETransformer, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write ``path/model.safetensors`` and ``path/config.json`` (each to a temporary name, then
-    renamed, so an interrupted export never leaves a half-written file under the final name)."""
+    renamed, so an interrupted export never leaves a half-written file under the final name).
+
+    The config records each MoE layer's current k as ``active_experts``; :func:`load_pretrained`
+    restores it (``moe.set_active_experts`` changes it at any time)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
@@ -30,7 +35,9 @@ def save_pretrained(model: MoETransformer, path: str | os.PathLike, metadata: di
         state.pop("lm_head.weight", None)  # the same tensor as embed.weight
     weights_tmp, config_tmp = out / (WEIGHTS_NAME + ".tmp"), out / (CONFIG_NAME + ".tmp")
     save_file(state, str(weights_tmp), metadata={"format": FORMAT})
-    config_tmp.write_text(json.dumps({"format": FORMAT, "model": model.config.to_dict(), **(metadata or {})}, indent=2))
+    active = [layer.active_experts for _, layer in moe_layers(model)]
+    meta = {"format": FORMAT, "model": model.config.to_dict(), "active_experts": active, **(metadata or {})}
+    config_tmp.write_text(json.dumps(meta, indent=2))
     os.replace(weights_tmp, out / WEIGHTS_NAME)
     os.replace(config_tmp, out / CONFIG_NAME)
     return out
@@ -55,4 +62,6 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights_path}: does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if meta.get("active_experts"):
+        set_active_experts(model, list(meta["active_experts"]))
     return model.to(device).eval()

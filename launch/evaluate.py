@@ -1,0 +1,160 @@
+"""Validation: loss, perplexity, MaxVio and throughput of a model on the validation split.
+
+    moe eval --model PATH [--k K] [--data PATH] [--batches N] [--batch-size B] [--seq-len S] [--json FILE]
+
+PATH is an exported model (``moe export``) or a training checkpoint (the run's ``checkpoints``
+folder, whose latest checkpoint is used, or one ``stepNNNNNNNN`` folder in it). The data defaults
+to the corpus the model was trained on, as recorded with it; ``--data`` names another.
+
+The same :func:`evaluate` runs inside training on every data-parallel rank, each on its share of
+the fixed validation windows, with the sums reduced over the group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from launch.data import prepare_corpus, validation_batches
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    tokens,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
+    """Mean next-token loss over the first ``max_batches * batch_size * world_size`` validation
+    windows, with MaxVio of each MoE layer's load over all of them (all ranks together)."""
+    from moe import LoadMeter, max_violation, moe_layers
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    layers = dict(moe_layers(model))
+    meter = LoadMeter(model)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    count = 0
+    start = time.perf_counter()
+    for inputs, labels in validation_batches(tokens, seq_len, batch_size, max_batches, rank, world_size):
+        _, loss = model(inputs.to(device), labels=labels.to(device))
+        loss_sum += loss.double().cpu() * labels.numel()
+        count += labels.numel()
+        meter.update()
+    elapsed = time.perf_counter() - start
+    loads = torch.stack([
+        meter.load[name] if meter.load[name] is not None else torch.zeros(layer.num_experts, dtype=torch.long)
+        for name, layer in layers.items()
+    ]).double()  # [L, E]
+    totals = torch.tensor([float(loss_sum), float(count), float(meter.dropped), float(meter.assignments)], dtype=torch.float64)
+    seconds = torch.tensor([elapsed], dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(totals)
+        dist.all_reduce(loads)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    model.train(was_training)
+    loss_total, tokens_total, dropped, assignments = totals.tolist()
+    if tokens_total == 0:
+        raise ValueError(f"the validation split has fewer than {seq_len + 1} tokens: nothing to evaluate")
+    mean_loss = loss_total / tokens_total
+    per_layer = {name: max_violation(load) for name, load in zip(layers, loads)}
+    return {
+        "loss": mean_loss,
+        "perplexity": math.exp(min(mean_loss, 700.0)),
+        "tokens": int(tokens_total),
+        "seconds": float(seconds),
+        "tokens_per_s": tokens_total / max(float(seconds), 1e-9),
+        "max_vio": sum(per_layer.values()) / len(per_layer),
+        "max_vio_per_layer": per_layer,
+        "dropped_fraction": dropped / max(1.0, assignments),
+        "k": [layer.active_experts for layer in layers.values()],
+    }
+
+
+def load_model_for_eval(path: str) -> tuple[nn.Module, dict]:
+    """(model in eval mode, the data config it was trained with or {}) from an export or a checkpoint."""
+    from moe import load_pretrained
+    from moe.pretrained import CONFIG_NAME
+    from parallel.checkpoint import model_from_checkpoint
+
+    root = Path(path)
+    if (root / CONFIG_NAME).is_file():
+        model = load_pretrained(root)
+        meta = json.loads((root / CONFIG_NAME).read_text())
+        return model, meta.get("data") or {}
+    if not root.exists():
+        raise ValueError(f"model path {path!r} does not exist")
+    model, run_config, _ = model_from_checkpoint(root)
+    return model, run_config.get("data") or {}
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("eval", help="validation loss, perplexity, MaxVio and tokens/s of a model")
+    parser.add_argument("--model", required=True, help="an exported model folder or a training checkpoint folder")
+    parser.add_argument("--k", type=int, default=None, help="active experts per MoE layer (default: as saved)")
+    parser.add_argument("--data", default=None, help="a .txt/.jsonl file or folder (default: the training corpus)")
+    parser.add_argument("--batches", type=int, default=32, help="validation batches (default 32)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch (default 16)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's max)")
+    parser.add_argument("--cache-dir", default=None, help="tokenised-corpus cache (default: as in training)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    parser.set_defaults(func=run)
+
+
+def evaluate_path(
+    path: str,
+    k: Optional[int] = None,
+    data: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    batches: int = 32,
+    batch_size: int = 16,
+    seq_len: Optional[int] = None,
+) -> dict:
+    """Programmatic ``moe eval``: :func:`evaluate` on the model at ``path`` (export or checkpoint)."""
+    from moe import set_active_experts
+
+    for name, value in (("batches", batches), ("batch-size", batch_size)):
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    model, trained_on = load_model_for_eval(path)
+    seq_len = seq_len or model.config.max_seq_len
+    if not 1 <= seq_len <= model.config.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} is invalid: expected 1..{model.config.max_seq_len} (the model's max_seq_len)")
+    if k is not None:
+        set_active_experts(model, k)
+    splits = prepare_corpus(
+        data if data is not None else trained_on.get("path"),
+        cache_dir or trained_on.get("cache_dir", "runs/cache"),
+        trained_on.get("val_permille", 50) if data is None else 50,
+    )
+    result = evaluate(model, splits.val, seq_len, batch_size, batches)
+    result.update(model=str(path), num_experts=model.config.moe.num_experts, seq_len=seq_len)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    result = evaluate_path(args.model, args.k, args.data, args.cache_dir, args.batches, args.batch_size, args.seq_len)
+    ks = result["k"]
+    k_text = str(ks[0]) if len(set(ks)) == 1 else str(ks)
+    print(f"model      {result['model']}")
+    print(f"k          {k_text} of {result['num_experts']} experts")
+    print(f"tokens     {result['tokens']:,} validation tokens ({result['seq_len']} per sequence)")
+    print(f"val loss   {result['loss']:.4f}")
+    print(f"perplexity {result['perplexity']:.3f}")
+    print(f"MaxVio     {result['max_vio']:.3f} (mean over MoE layers, load summed over the validation set)")
+    print(f"tokens/s   {result['tokens_per_s']:,.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0

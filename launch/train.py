@@ -1,0 +1,404 @@
+"""The training job: a MoE language model trained by a DeepSpeed engine on every rank.
+
+    deepspeed --num_gpus N --module launch.train --config configs/tiny.yaml [--set k=v] [--resume]
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module launch.train --config configs/tiny.yaml
+    python -m launch.train --config configs/tiny.yaml          # one process, no launcher
+    moe train --config configs/tiny.yaml [--nproc N]           # wraps the deepspeed launcher
+
+Each optimizer step: the k schedule moves to the step's k, every micro-batch's loss gets the MoE
+auxiliary losses added, DeepSpeed steps (AdamW, warmup + cosine LR, clipping, ZeRO), and then the
+expert biases move once, from token counts summed over all data-parallel ranks.
+
+Outputs under ``out_dir``: ``checkpoints/`` (DeepSpeed checkpoints; ``latest`` names the newest
+complete one), ``metrics.jsonl``, ``tensorboard/`` and ``config.yaml`` (the resolved config).
+SIGINT or SIGTERM stops the run at the end of the current step with a checkpoint; a second save
+interrupted half-way never replaces the last complete one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from launch.config import RunConfig, load_run_config
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config field (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest complete checkpoint in out_dir/checkpoints")
+    parser.add_argument("--until-step", type=int, default=None, metavar="N",
+                        help="stop after step N with a checkpoint (the schedules still run to train.steps); "
+                             "continue later with --resume")
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train", help="train a MoE language model (wraps the deepspeed launcher)")
+    _common_arguments(parser)
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="ranks on this machine (default: the number of GPUs, or 1 without one); "
+                             "more than 1 starts them with the deepspeed launcher")
+    parser.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
+    parser.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``moe train``: check everything a user can get wrong here, once, then train in this process
+    (one rank) or start ``nproc`` ranks with the deepspeed launcher."""
+    cfg = load_run_config(args.config, args.overrides)
+    check_out_dir(cfg, args.resume)
+    from launch.data import prepare_corpus
+
+    prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)  # once, before any rank starts
+    nproc = args.nproc if args.nproc is not None else max(1, torch.cuda.device_count())
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if nproc == 1 and args.master_port is None:
+        return train(cfg, resume=args.resume, until_step=args.until_step)
+    from parallel.engine import _free_port
+
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+               "--master_port", str(args.master_port or _free_port()), "--module", "launch.train",
+               "--config", str(args.config)]
+    for assignment in args.overrides:
+        command += ["--set", assignment]
+    if args.resume:
+        command.append("--resume")
+    if args.until_step is not None:
+        command += ["--until-step", str(args.until_step)]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    # The launcher forwards SIGINT/SIGTERM to the ranks, which save and stop; wait for it.
+    process = subprocess.Popen(command, env=env)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            continue
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of one rank (``python -m launch.train`` or under the deepspeed launcher)."""
+    parser = argparse.ArgumentParser(prog="launch.train", description=__doc__.split("\n\n")[0])
+    _common_arguments(parser)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher adds it
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        return train(cfg, resume=args.resume, until_step=args.until_step)
+    except ValueError as err:
+        print(f"launch.train: error: {err}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def check_out_dir(cfg: RunConfig, resume: bool) -> Optional[str]:
+    """The tag to resume from (None for a fresh run); a ``ValueError`` if the request does not fit
+    what is on disk: resuming with no checkpoint, a fresh run over existing checkpoints, or a
+    checkpoint of another model shape."""
+    from parallel.checkpoint import check_same_model, latest_tag, read_run_config
+
+    root = Path(cfg.out_dir) / CHECKPOINTS
+    tag = latest_tag(root)
+    if resume:
+        if tag is None:
+            raise ValueError(f"--resume: no complete checkpoint in {str(root)!r}")
+        check_same_model(read_run_config(root, tag)["model"], cfg.model.to_dict(), f"checkpoint {str(root / tag)!r}")
+        return tag
+    if tag is not None:
+        raise ValueError(
+            f"out_dir {cfg.out_dir!r} already holds checkpoint {tag}; pass --resume to continue it "
+            "or --set out_dir=... to start another run"
+        )
+    return None
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag that the ranks agree on at the end of each step."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def agreed(self, device) -> int:
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class _Logs:
+    """Rank 0's outputs: a tqdm bar, TensorBoard scalars and a JSONL file. Other ranks: nothing."""
+
+    def __init__(self, out_dir: Path, enabled: bool, start_step: int, total_steps: int):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = out_dir / METRICS
+        _truncate_jsonl(self.jsonl_path, start_step)  # records past the resumed step are from a lost future
+        self.jsonl = self.jsonl_path.open("a")
+        self.tensorboard_dir = out_dir / TENSORBOARD
+        self.tensorboard = SummaryWriter(str(self.tensorboard_dir), purge_step=start_step or None)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        mininterval=1.0, file=sys.stderr)
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text, file=sys.stderr)
+
+    def record(self, event: str, step: int, scalars: dict, extra: Optional[dict] = None) -> None:
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self.tensorboard.add_scalar(name, value, step)
+        self.jsonl.write(json.dumps({"event": event, "step": step, "time": time.time(), **scalars, **(extra or {})}) + "\n")
+        self.jsonl.flush()
+
+    def advance(self, postfix: Optional[dict] = None) -> None:
+        if self.enabled:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.tensorboard.close()
+            self.jsonl.close()
+
+
+def _truncate_jsonl(path: Path, start_step: int) -> None:
+    if not path.exists():
+        return
+    if start_step == 0:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= start_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _set_cpu_threads() -> None:
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+
+
+def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None) -> int:
+    """Run (or resume) the job described by ``cfg`` on this rank; returns the exit status (0 when
+    all steps, or those up to ``until_step``, ran; 128 + signal number when stopped by SIGINT or
+    SIGTERM after saving)."""
+    import yaml
+
+    from launch.data import BatchSampler, prepare_corpus
+    from launch.evaluate import evaluate
+    from moe import LoadMeter, MoETransformer, advance_k_schedule, collect_aux_losses, max_violation, moe_layers
+    from moe import update_expert_biases
+    from parallel import checkpoint
+    from parallel.engine import build_engine, init_distributed
+
+    resume_tag = check_out_dir(cfg, resume)  # same answer on every rank: it only reads the disk
+    rank, world_size = init_distributed()
+    _set_cpu_threads()
+    t = cfg.train
+    end_step = t.steps if until_step is None else until_step
+    if not 1 <= end_step <= t.steps:
+        raise ValueError(f"--until-step {until_step} is invalid: expected 1..{t.steps} (train.steps)")
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)
+    out_dir, ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / CHECKPOINTS
+
+    if rank == 0:  # the corpus is tokenised once; the other ranks then map the cached files
+        splits = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)
+    dist.barrier()
+    if rank != 0:
+        splits = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)
+
+    model = MoETransformer(cfg.model)  # same seed on every rank: identical weights and routers
+    engine = build_engine(model, cfg.deepspeed, t)
+    device = engine.device
+    sampler = BatchSampler(splits.train, t.seq_len, t.micro_batch_size, rank, world_size, t.seed)
+    start_step = 0
+    if resume_tag is not None:
+        state = checkpoint.load(engine, ckpt_root, resume_tag)
+        start_step = int(state["step"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng_state"])
+        if start_step >= end_step:
+            if rank == 0:
+                print(f"checkpoint {resume_tag} is already at step {start_step} (asked to train to {end_step}): nothing to do")
+            return 0
+
+    run_dict = cfg.to_dict()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(run_dict, sort_keys=False))
+    logs = _Logs(out_dir, rank == 0, start_step, t.steps)
+    layers = dict(moe_layers(model))
+    meter = LoadMeter(model)
+    stop = _StopRequest()
+    group = dist.group.WORLD
+    tokens_per_step = world_size * t.micro_batch_size * t.grad_accum * t.seq_len
+    logs.write(
+        f"training {model.num_parameters():,} parameters on {world_size} rank(s) ({device}), "
+        f"{tokens_per_step:,} tokens per step, steps {start_step}..{end_step} of {t.steps}, out_dir {out_dir}"
+    )
+
+    def run_validation(step: int) -> dict:
+        result = evaluate(model, splits.val, t.seq_len, t.micro_batch_size, t.eval_batches, rank, world_size)
+        logs.record("eval", step, {"val/loss": result["loss"], "val/perplexity": result["perplexity"],
+                                   "val/max_vio": result["max_vio"]}, {"val_tokens": result["tokens"]})
+        logs.write(f"step {step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+                   f"MaxVio {result['max_vio']:.3f} over {result['tokens']:,} tokens")
+        return result
+
+    def save(step: int) -> None:
+        client_state = {"step": step, "sampler": sampler.state_dict(), "torch_rng_state": torch.get_rng_state(),
+                        "active_experts": [layer.active_experts for layer in layers.values()]}
+        tag = checkpoint.save(engine, ckpt_root, step, client_state, run_dict, keep=t.keep_checkpoints)
+        logs.write(f"step {step}: checkpoint {ckpt_root / tag}")
+
+    status = 0
+    window = {"loss": torch.zeros((), dtype=torch.float64), "aux": torch.zeros((), dtype=torch.float64),
+              "micro": 0, "seconds": 0.0, "steps": 0}
+    try:
+        if start_step == 0 and t.eval_every:
+            run_validation(0)
+        for step in range(start_step, end_step):
+            step_start = time.perf_counter()
+            ks = advance_k_schedule(model, step)
+            for _ in range(t.grad_accum):
+                inputs, labels = next(sampler)
+                _, loss = engine(inputs.to(device), labels=labels.to(device))
+                aux = collect_aux_losses(model)
+                engine.backward(loss if aux is None else loss + aux)
+                engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+                meter.update()
+                window["loss"] += loss.detach().double().cpu()
+                window["aux"] += 0.0 if aux is None else float(aux.detach())
+                window["micro"] += 1
+            update_expert_biases(model, group=group)
+            window["seconds"] += time.perf_counter() - step_start
+            window["steps"] += 1
+            done = step + 1
+            last = done == end_step
+            postfix = None
+            if done % t.log_every == 0 or last:
+                postfix = _log_train(logs, engine, window, meter, layers, ks, done, tokens_per_step, max_violation)
+            if t.eval_every and (done % t.eval_every == 0 or last):
+                run_validation(done)
+            signum = stop.agreed(device)
+            if done % t.save_every == 0 or last or signum:
+                save(done)
+            logs.advance(postfix)
+            if signum:
+                logs.write(f"stopped by {signal.Signals(signum).name} after step {done}; "
+                           f"resume with --resume (checkpoint {ckpt_root / checkpoint.tag_for_step(done)})")
+                status = 128 + signum
+                break
+    finally:
+        stop.restore()
+        logs.close()
+    if rank == 0 and status == 0:
+        _print_summary(cfg, out_dir, start_step, end_step, world_size)
+    return status
+
+
+def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, max_violation) -> dict:
+    """Reduce the window's loss and load over ranks and record them; returns the progress-bar fields."""
+    elapsed = window["seconds"]  # training steps only: validation and checkpoints are not counted
+    loads = torch.stack([
+        meter.load[name] if meter.load[name] is not None else torch.zeros(layer.num_experts, dtype=torch.long)
+        for name, layer in layers.items()
+    ]).double()  # [L, E] assignments per expert in this window, summed below over ranks
+    sums = torch.stack([window["loss"], window["aux"], torch.tensor(float(window["micro"]), dtype=torch.float64),
+                        torch.tensor(float(meter.dropped), dtype=torch.float64),
+                        torch.tensor(float(meter.assignments), dtype=torch.float64)])
+    dist.all_reduce(loads)
+    dist.all_reduce(sums)
+    loss, aux = float(sums[0] / sums[2]), float(sums[1] / sums[2])
+    max_vio = {name: max_violation(load) for name, load in zip(layers, loads)}
+    mean_vio = sum(max_vio.values()) / len(max_vio)
+    tokens_per_s = tokens_per_step * window["steps"] / max(elapsed, 1e-9)
+    grad_norm = engine.get_global_grad_norm()
+    scalars = {
+        "train/loss": loss,
+        "train/aux_loss": aux,
+        "train/lr": float(engine.get_lr()[0]),
+        "train/tokens_per_s": tokens_per_s,
+        "train/k": float(ks[0]),
+        "train/max_vio": mean_vio,
+        "train/dropped_fraction": float(sums[3] / max(1.0, float(sums[4]))),
+    }
+    if grad_norm is not None:
+        scalars["train/grad_norm"] = float(grad_norm)
+    for i, (name, load) in enumerate(zip(layers, loads)):
+        scalars[f"max_vio/{name}"] = max_vio[name]
+        scalars[f"k/{name}"] = float(ks[i])
+        share = load / load.sum().clamp_min(1)
+        for expert, value in enumerate(share.tolist()):
+            scalars[f"load/{name}/expert_{expert:03d}"] = value
+    logs.record("train", step, scalars)
+    window.update(loss=torch.zeros((), dtype=torch.float64), aux=torch.zeros((), dtype=torch.float64), micro=0,
+                  seconds=0.0, steps=0)
+    meter.reset()
+    return {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}", "k": ks[0], "MaxVio": f"{mean_vio:.2f}"}
+
+
+def _print_summary(cfg: RunConfig, out_dir: Path, start_step: int, end_step: int, world_size: int) -> None:
+    from parallel.checkpoint import latest_tag
+
+    records = [json.loads(line) for line in (out_dir / METRICS).read_text().splitlines() if line]
+    speeds = [r["train/tokens_per_s"] for r in records if r["event"] == "train" and r["step"] > start_step]
+    if end_step == cfg.train.steps:
+        print(f"done: steps {start_step}..{end_step} on {world_size} rank(s)")
+    else:
+        print(f"paused after step {end_step} of {cfg.train.steps}; continue with --resume")
+    evals = [r for r in records if r["event"] == "eval"]
+    if evals:
+        print(f"val loss: {evals[0]['val/loss']:.4f} at step {evals[0]['step']} -> "
+              f"{evals[-1]['val/loss']:.4f} at step {evals[-1]['step']}")
+    if speeds:
+        print(f"training tokens/s (all ranks): median {sorted(speeds)[len(speeds) // 2]:,.0f} over {len(speeds)} log windows")
+    print(f"checkpoint:  {out_dir / CHECKPOINTS / (latest_tag(out_dir / CHECKPOINTS) or '')}")
+    print(f"metrics:     {out_dir / METRICS}")
+    print(f"tensorboard: {out_dir / TENSORBOARD}  (tensorboard --logdir {out_dir / TENSORBOARD})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""DeepSpeed glue: the process group, the engine's config from a run's ``train`` section, and the
+optimizer's parameter groups.
+
+The trainer owns the keys that follow from ``train`` (batch sizes, AdamW, the warmup + cosine
+schedule, clipping, precision); everything else in a config's ``deepspeed`` section (ZeRO stage,
+bucket sizes, logging) passes through untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or, in a plain single process, create) the default process group; returns (rank,
+    world size). NCCL on GPU, gloo on CPU. Under the ``deepspeed`` launcher or torchrun the
+    environment names the group; without one this process is rank 0 of 1."""
+    if device_type() == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain `python -m launch.train`: a group of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed.init_distributed(dist_backend="nccl" if device_type() == "cuda" else "gloo", auto_mpi_discovery=False)
+    if device_type() == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def use_bf16(precision: str) -> bool:
+    """``train.precision`` resolved for this machine: "auto" is bf16 on GPU and fp32 on CPU."""
+    return precision == "bf16" or (precision == "auto" and device_type() == "cuda")
+
+
+def deepspeed_config(section: dict, train: Any, world_size: int) -> dict:
+    """The config ``deepspeed.initialize`` gets: the run's ``deepspeed`` section plus the keys the
+    trainer owns, filled in from ``train`` (a :class:`launch.config.TrainConfig`)."""
+    config = copy.deepcopy(section)
+    config.update(
+        train_micro_batch_size_per_gpu=train.micro_batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        train_batch_size=train.micro_batch_size * train.grad_accum * world_size,
+        gradient_clipping=float(train.grad_clip),
+        optimizer={
+            "type": "AdamW",
+            "params": {
+                "lr": train.lr,
+                "betas": list(train.betas),
+                "eps": 1e-8,
+                "weight_decay": train.weight_decay,
+                # torch's AdamW on CPU (DeepSpeed's fused Adam is a GPU kernel); fused Adam on GPU.
+                "torch_adam": device_type() == "cpu",
+            },
+        },
+        scheduler={
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": train.steps,
+                "warmup_num_steps": train.warmup_steps,
+                "warmup_min_ratio": 0.0,
+                "warmup_type": "linear",
+                "cos_min_ratio": train.min_lr_ratio,
+            },
+        },
+        bf16={"enabled": use_bf16(train.precision)},
+    )
+    config.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed's own step log is noise
+    config.setdefault("wall_clock_breakdown", False)
+    return config
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices (and stacked expert weights) decay; vectors (norm gains, biases) do not. Frozen
+    router weights are buffers, not parameters, so no optimizer ever sees them."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return groups
+
+
+def build_engine(model: nn.Module, section: dict, train: Any):
+    """``deepspeed.initialize`` on ``model``: returns the engine (whose ``.module`` is ``model``)."""
+    import deepspeed
+
+    config = deepspeed_config(section, train, dist.get_world_size())
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=parameter_groups(model, train.weight_decay), config=config
+    )
+    return engine
