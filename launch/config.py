@@ -175,6 +175,9 @@ TRAINER_OWNED_DEEPSPEED_KEYS = {
 }
 """DeepSpeed keys the trainer fills in, mapped to the ``train`` fields they come from."""
 
+REQUIRED_KEYS = ("model", "model.moe", "train")
+"""Keys a config file must name: a run that silently trained a default model would surprise."""
+
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
@@ -228,6 +231,12 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfi
         raise ValueError(f"{path}: expected a mapping at the top level")
     for assignment in overrides:
         apply_override(values, assignment)
+    for dotted in REQUIRED_KEYS:
+        node = values
+        for key in dotted.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            raise ValueError(f"{path}: missing key {dotted!r} (a run config must describe the model and the training)")
     try:
         return run_config_from_dict(values)
     except ValueError as err:

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -67,6 +68,7 @@ def run_cli(args: argparse.Namespace) -> int:
     (one rank) or start ``nproc`` ranks with the deepspeed launcher."""
     cfg = load_run_config(args.config, args.overrides)
     check_out_dir(cfg, args.resume)
+    _end_step(cfg, args.until_step)
     from launch.data import prepare_corpus
 
     prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)  # once, before any rank starts
@@ -134,6 +136,14 @@ def check_out_dir(cfg: RunConfig, resume: bool) -> Optional[str]:
             "or --set out_dir=... to start another run"
         )
     return None
+
+
+def _end_step(cfg: RunConfig, until_step: Optional[int]) -> int:
+    if until_step is None:
+        return cfg.train.steps
+    if not 1 <= until_step <= cfg.train.steps:
+        raise ValueError(f"--until-step {until_step} is invalid: expected 1..{cfg.train.steps} (train.steps)")
+    return until_step
 
 
 class _StopRequest:
@@ -232,13 +242,13 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
     from parallel import checkpoint
     from parallel.engine import build_engine, init_distributed
 
+    # DeepSpeed's ZeRO calls a torch collective that torch has renamed; nothing for a user to act on.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     resume_tag = check_out_dir(cfg, resume)  # same answer on every rank: it only reads the disk
+    end_step = _end_step(cfg, until_step)
     rank, world_size = init_distributed()
     _set_cpu_threads()
     t = cfg.train
-    end_step = t.steps if until_step is None else until_step
-    if not 1 <= end_step <= t.steps:
-        raise ValueError(f"--until-step {until_step} is invalid: expected 1..{t.steps} (train.steps)")
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
     out_dir, ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / CHECKPOINTS
@@ -294,8 +304,7 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
         logs.write(f"step {step}: checkpoint {ckpt_root / tag}")
 
     status = 0
-    window = {"loss": torch.zeros((), dtype=torch.float64), "aux": torch.zeros((), dtype=torch.float64),
-              "micro": 0, "seconds": 0.0, "steps": 0}
+    window = _new_window(device)
     try:
         if start_step == 0 and t.eval_every:
             run_validation(0)
@@ -307,12 +316,19 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
                 _, loss = engine(inputs.to(device), labels=labels.to(device))
                 aux = collect_aux_losses(model)
                 engine.backward(loss if aux is None else loss + aux)
+                if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
+                    # DeepSpeed's plain fp32 path clips but does not keep the norm; the gradients
+                    # are already averaged over ranks here, so this is the global pre-clip norm.
+                    window["grad_norm"] = _grad_norm(model)
                 engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
                 meter.update()
-                window["loss"] += loss.detach().double().cpu()
-                window["aux"] += 0.0 if aux is None else float(aux.detach())
+                window["sums"][0] += loss.detach().double()  # kept on the device: no sync per micro-batch
+                if aux is not None:
+                    window["sums"][1] += aux.detach().double()
                 window["micro"] += 1
             update_expert_biases(model, group=group)
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # honest step times (routing syncs every layer anyway)
             window["seconds"] += time.perf_counter() - step_start
             window["steps"] += 1
             done = step + 1
@@ -339,6 +355,16 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
     return status
 
 
+def _grad_norm(model: torch.nn.Module) -> float:
+    grads = [p.grad.detach().float() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+
+def _new_window(device) -> dict:
+    """Sums over the steps since the last log record: [loss, aux loss, micro-batches, dropped, assignments]."""
+    return {"sums": torch.zeros(5, dtype=torch.float64, device=device), "micro": 0, "seconds": 0.0, "steps": 0}
+
+
 def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, max_violation) -> dict:
     """Reduce the window's loss and load over ranks and record them; returns the progress-bar fields."""
     elapsed = window["seconds"]  # training steps only: validation and checkpoints are not counted
@@ -346,9 +372,8 @@ def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, m
         meter.load[name] if meter.load[name] is not None else torch.zeros(layer.num_experts, dtype=torch.long)
         for name, layer in layers.items()
     ]).double()  # [L, E] assignments per expert in this window, summed below over ranks
-    sums = torch.stack([window["loss"], window["aux"], torch.tensor(float(window["micro"]), dtype=torch.float64),
-                        torch.tensor(float(meter.dropped), dtype=torch.float64),
-                        torch.tensor(float(meter.assignments), dtype=torch.float64)])
+    sums = window["sums"].cpu()
+    sums[2:] = torch.tensor([window["micro"], meter.dropped, meter.assignments], dtype=torch.float64)
     dist.all_reduce(loads)
     dist.all_reduce(sums)
     loss, aux = float(sums[0] / sums[2]), float(sums[1] / sums[2])
@@ -356,6 +381,8 @@ def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, m
     mean_vio = sum(max_vio.values()) / len(max_vio)
     tokens_per_s = tokens_per_step * window["steps"] / max(elapsed, 1e-9)
     grad_norm = engine.get_global_grad_norm()
+    if grad_norm is None:
+        grad_norm = window.get("grad_norm")
     scalars = {
         "train/loss": loss,
         "train/aux_loss": aux,
@@ -374,8 +401,7 @@ def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, m
         for expert, value in enumerate(share.tolist()):
             scalars[f"load/{name}/expert_{expert:03d}"] = value
     logs.record("train", step, scalars)
-    window.update(loss=torch.zeros((), dtype=torch.float64), aux=torch.zeros((), dtype=torch.float64), micro=0,
-                  seconds=0.0, steps=0)
+    window.update(_new_window(window["sums"].device))
     meter.reset()
     return {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}", "k": ks[0], "MaxVio": f"{mean_vio:.2f}"}
 

@@ -52,6 +52,11 @@ def test_overrides_reach_any_depth_and_are_typed():
         (["deepspeed.train_batch_size=8"], "deepspeed.train_batch_size is set by the trainer"),
         (["train.lr"], "expected section.key=value"),
         (["train.lr.x=1"], "'lr' is not a section"),
+        (["model.moe="], "missing key 'model.moe'"),
+        (["train.grad_clip=-1"], "train.grad_clip=-1 is invalid"),
+        (["train.precision=fp16"], "train.precision='fp16' is invalid"),
+        (["deepspeed.zero_optimization.stage=3"], "zero_optimization.stage=3 is invalid: expected 0, 1 or 2"),
+        (["deepspeed.bf16.enabled=true"], "deepspeed.bf16 is set by the trainer from train.precision"),
     ],
 )
 def test_bad_configs_name_the_problem(overrides, message):
@@ -66,3 +71,10 @@ def test_missing_or_malformed_file(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_run_config(bad)
+
+
+def test_a_file_without_the_model_or_train_section_is_an_error(tmp_path):
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("model:\n  num_layers: 2\n  moe: {num_experts: 4}\n")
+    with pytest.raises(ValueError, match="missing key 'train'"):
+        load_run_config(partial)
