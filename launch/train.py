@@ -46,6 +46,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field (repeatable)")
+    parser.add_argument("--data", default=None, metavar="PATH",
+                        help="train on .txt/.jsonl files (a file or a folder) instead of the config's data.path")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest complete checkpoint in out_dir/checkpoints")
     parser.add_argument("--until-step", type=int, default=None, metavar="N",
@@ -63,10 +65,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_cli)
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    if args.data is None:
+        return list(args.overrides)
+    return [*args.overrides, f"data.path={json.dumps(str(Path(args.data).expanduser().resolve()))}"]
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """``moe train``: check everything a user can get wrong here, once, then train in this process
     (one rank) or start ``nproc`` ranks with the deepspeed launcher."""
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, _overrides(args))
     check_out_dir(cfg, args.resume)
     _end_step(cfg, args.until_step)
     from launch.data import prepare_corpus
@@ -82,7 +90,7 @@ def run_cli(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
                "--master_port", str(args.master_port or _free_port()), "--module", "launch.train",
                "--config", str(args.config)]
-    for assignment in args.overrides:
+    for assignment in _overrides(args):
         command += ["--set", assignment]
     if args.resume:
         command.append("--resume")
@@ -107,7 +115,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher adds it
     args = parser.parse_args(argv)
     try:
-        cfg = load_run_config(args.config, args.overrides)
+        cfg = load_run_config(args.config, _overrides(args))
         return train(cfg, resume=args.resume, until_step=args.until_step)
     except ValueError as err:
         print(f"launch.train: error: {err}", file=sys.stderr)

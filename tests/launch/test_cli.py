@@ -12,7 +12,7 @@ from launch.cli import main
 
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "launch.cli", "--help"], capture_output=True, text=True, check=True)
-    assert all(name in out.stdout for name in ("demo", "bench", "config"))
+    assert all(name in out.stdout for name in ("train", "eval", "export", "config", "demo", "bench"))
 
 
 def test_demo_trains_and_prints_routing_statistics(capsys):

@@ -167,8 +167,14 @@ def test_moe_eval_and_export_commands(straight_run, tmp_path, cache, capsys):
 
 
 def test_sigterm_stops_at_a_step_boundary_with_a_complete_checkpoint(tmp_path, cache):
+    """One process without a launcher, on the user's own .txt and .jsonl files (--data)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 80)
+    (corpus / "more.jsonl").write_text("\n".join(json.dumps({"text": f"record {i} " * 40}) for i in range(20)))
     out_dir = tmp_path / "interrupted"
-    command = [sys.executable, "-m", "launch.train", "--config", str(TINY),
+    command = [sys.executable, "-m", "launch.train", "--config", str(TINY), "--data", str(corpus),
                *_sets(out_dir, cache, ["train.steps=1000", "train.save_every=3", "train.eval_every=0"])]
     process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -183,6 +189,7 @@ def test_sigterm_stops_at_a_step_boundary_with_a_complete_checkpoint(tmp_path, c
     state = trainer_state(out_dir / "checkpoints", tag)
     assert 3 <= state["step"] < 1000 and tag == f"step{state['step']:08d}"
     assert (out_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt").is_file()
+    assert json.loads((out_dir / "checkpoints" / tag / "run_config.json").read_text())["data"]["path"] == str(corpus)
 
 
 def test_a_half_written_checkpoint_never_becomes_latest(straight_run, tmp_path):
@@ -209,7 +216,7 @@ def _run_moe(args: list[str], capsys) -> tuple[int, str]:
         (["--set", "model.moe.k_max=16"], "MoEConfig.k_max=16 is invalid: expected at most num_experts (8)"),
         (["--set", "model.moe.hidden_dim=8"], "unknown key(s) hidden_dim"),
         (["--set", "model.moe="], "missing key 'model.moe'"),
-        (["--set", "data.path=/nonexistent/corpus"], "data path '/nonexistent/corpus' does not exist"),
+        (["--data", "/nonexistent/corpus"], "data path '/nonexistent/corpus' does not exist"),
         (["--resume"], "--resume: no complete checkpoint in"),
         (["--until-step", "50"], "--until-step 50 is invalid: expected 1..8"),
     ],
