@@ -1,7 +1,8 @@
 """Run configs: YAML files that map one to one onto dataclasses, with ``--set`` overrides.
 
 A run config has the sections ``model`` (:class:`moe.ModelConfig`, with its nested ``moe``
-section), ``data`` (:class:`DataConfig`), ``train`` (:class:`TrainConfig`), ``deepspeed`` (the
+section), ``data`` (:class:`DataConfig`), ``train`` (:class:`TrainConfig`), ``parallel``
+(:class:`ParallelConfig`, optional), ``deepspeed`` (the
 DeepSpeed config, passed to ``deepspeed.initialize`` after the trainer fills in the batch sizes)
 and ``out_dir``. Unknown keys, in any section, are errors that name the key.
 
@@ -130,12 +131,26 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the model is spread over ranks (beyond data parallelism)."""
+
+    expert_parallel_size: int = 1
+    """P: ranks that split each MoE layer's experts between them (E/P each), exchanging tokens by
+    all-to-all. Must divide the number of experts and the world size; 1 = every rank holds all
+    experts (pure data parallelism)."""
+
+    def __post_init__(self) -> None:
+        check_int("parallel", "expert_parallel_size", self.expert_parallel_size)
+
+
+@dataclass
 class RunConfig:
     """A whole run: what to train, on what, how, and where to write it."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: dict = field(default_factory=lambda: {"zero_optimization": {"stage": 0}})
     """DeepSpeed config; the trainer sets the batch sizes, optimizer and scheduler from ``train``."""
     out_dir: str = "runs/default"
@@ -145,6 +160,11 @@ class RunConfig:
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"train.seq_len={self.train.seq_len!r} is invalid: at most model.max_seq_len ({self.model.max_seq_len})"
+            )
+        ep, experts = self.parallel.expert_parallel_size, self.model.moe.num_experts
+        if experts % ep:
+            raise ValueError(
+                f"parallel.expert_parallel_size={ep} is invalid: it must divide model.moe.num_experts ({experts})"
             )
         if not isinstance(self.deepspeed, dict):
             raise ValueError(f"deepspeed={self.deepspeed!r} is invalid: expected a mapping (a DeepSpeed config)")
@@ -178,7 +198,7 @@ TRAINER_OWNED_DEEPSPEED_KEYS = {
 REQUIRED_KEYS = ("model", "model.moe", "train")
 """Keys a config file must name: a run that silently trained a default model would surprise."""
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig}
 
 
 def _section(cls, values: Any, name: str):

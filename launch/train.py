@@ -18,6 +18,7 @@ interrupted half-way never replaces the last complete one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -83,6 +84,11 @@ def run_cli(args: argparse.Namespace) -> int:
     nproc = args.nproc if args.nproc is not None else max(1, torch.cuda.device_count())
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if nproc % cfg.parallel.expert_parallel_size:
+        raise ValueError(
+            f"parallel.expert_parallel_size={cfg.parallel.expert_parallel_size} is invalid: it must divide the "
+            f"number of ranks (--nproc {nproc})"
+        )
     if nproc == 1 and args.master_port is None:
         return train(cfg, resume=args.resume, until_step=args.until_step)
     from parallel.engine import _free_port
@@ -249,6 +255,8 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
     from moe import update_expert_biases
     from parallel import checkpoint
     from parallel.engine import build_engine, init_distributed
+    from parallel.expert_parallel import apply_expert_parallel
+    from parallel.groups import expert_parallel_groups
 
     # DeepSpeed's ZeRO calls a torch collective that torch has renamed; nothing for a user to act on.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
@@ -268,7 +276,17 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
         splits = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)
 
     model = MoETransformer(cfg.model)  # same seed on every rank: identical weights and routers
-    engine = build_engine(model, cfg.deepspeed, t)
+    ep_size = cfg.parallel.expert_parallel_size
+    ep_group = None
+    if ep_size > 1:  # keep this rank's slice of the experts; tokens travel by all-to-all
+        ep_groups = expert_parallel_groups(ep_size)
+        apply_expert_parallel(model, ep_groups)
+        ep_group = ep_groups.group
+    zero_stage = (cfg.deepspeed.get("zero_optimization") or {}).get("stage", 0)
+    # Plain data parallelism (ZeRO-0) with sharded experts: DeepSpeed's clipping averages each
+    # rank's own norm, which is not the global norm; the trainer clips by the exact one instead.
+    own_clipping = zero_stage == 0 and ep_size > 1 and t.grad_clip > 0
+    engine = build_engine(model, cfg.deepspeed, dataclasses.replace(t, grad_clip=0.0) if own_clipping else t)
     device = engine.device
     sampler = BatchSampler(splits.train, t.seq_len, t.micro_batch_size, rank, world_size, t.seed)
     start_step = 0
@@ -325,9 +343,11 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
                 aux = collect_aux_losses(model)
                 engine.backward(loss if aux is None else loss + aux)
                 if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
-                    # DeepSpeed's plain fp32 path clips but does not keep the norm; the gradients
-                    # are already averaged over ranks here, so this is the global pre-clip norm.
-                    window["grad_norm"] = _grad_norm(model)
+                    # DeepSpeed's plain path does not keep the norm; the gradients are already
+                    # reduced over ranks here, so this is the global pre-clip norm.
+                    window["grad_norm"] = _grad_norm(model, ep_group)
+                    if own_clipping:
+                        _clip_gradients(model, window["grad_norm"], t.grad_clip)
                 engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
                 meter.update()
                 window["sums"][0] += loss.detach().double()  # kept on the device: no sync per micro-batch
@@ -363,9 +383,28 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
     return status
 
 
-def _grad_norm(model: torch.nn.Module) -> float:
-    grads = [p.grad.detach().float() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+def _grad_norm(model: torch.nn.Module, ep_group=None) -> float:
+    """The global L2 norm of the gradients: replicated parameters once, expert shards (marked
+    ``allreduce=False``) summed over the expert-parallel group."""
+    from parallel.expert_parallel import is_expert_parameter
+
+    squares = torch.zeros(2, dtype=torch.float64)  # [replicated, expert shards]
+    for param in model.parameters():
+        if param.grad is not None:
+            squares[int(is_expert_parameter(param))] += float(param.grad.detach().float().square().sum())
+    if ep_group is not None:
+        expert = squares[1:].to(next(model.parameters()).device)
+        dist.all_reduce(expert, group=ep_group)
+        squares[1] = float(expert)
+    return float(squares.sum().sqrt())
+
+
+def _clip_gradients(model: torch.nn.Module, norm: float, max_norm: float) -> None:
+    coef = min(1.0, max_norm / (norm + 1e-6))  # DeepSpeed's and torch's rule
+    if coef < 1.0:
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(coef)
 
 
 def _new_window(device) -> dict:

@@ -103,11 +103,47 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_engine(model: nn.Module, section: dict, train: Any):
-    """``deepspeed.initialize`` on ``model``: returns the engine (whose ``.module`` is ``model``)."""
+    """A DeepSpeed engine for ``model`` (whose ``.module`` is ``model``).
+
+    Without expert parallelism this is ``deepspeed.initialize``. With it (expert parameters marked
+    by :func:`parallel.expert_parallel.apply_expert_parallel`), the optimizer's parameter groups
+    are split into MoE groups by DeepSpeed's own ``split_params_into_different_moe_groups_for_optimizer``
+    and the engine is told the model has MoE layers (see :class:`ExpertParallelEngine`).
+    """
     import deepspeed
 
+    from parallel.expert_parallel import is_expert_parameter
+
     config = deepspeed_config(section, train, dist.get_world_size())
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=parameter_groups(model, train.weight_decay), config=config
-    )
-    return engine
+    param_groups = parameter_groups(model, train.weight_decay)
+    if not any(is_expert_parameter(p) for p in model.parameters()):
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=config)
+        return engine
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    param_groups = split_params_into_different_moe_groups_for_optimizer(param_groups)
+    engine_class = _expert_parallel_engine_class()
+    return engine_class(args=None, model=model, model_parameters=param_groups, config=config,
+                        config_class=DeepSpeedConfig(config))
+
+
+def _expert_parallel_engine_class():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    class ExpertParallelEngine(DeepSpeedEngine):
+        """DeepSpeed's engine, told up front that the model has MoE layers.
+
+        DeepSpeed switches on its MoE handling (expert gradients reduced over the
+        expert-data-parallel group and averaged by the full data-parallel size, expert optimizer
+        state sharded over that group under ZeRO-1/2, expert parameters broadcast within it, the
+        global gradient norm summed over expert shards) only when it finds its own ``MoE`` module
+        class. Ours marks its expert parameters the DeepSpeed way (``allreduce=False``,
+        ``group_name``), so the flag is all that is missing; nothing else is overridden.
+        """
+
+        def _configure_distributed_model(self, model):
+            self.has_moe_layers = True
+            super()._configure_distributed_model(model)
+
+    return ExpertParallelEngine
