@@ -255,7 +255,7 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
     from moe import update_expert_biases
     from parallel import checkpoint
     from parallel.engine import build_engine, init_distributed
-    from parallel.expert_parallel import apply_expert_parallel
+    from parallel.expert_parallel import apply_expert_parallel, exchange_stats
     from parallel.groups import expert_parallel_groups
 
     # DeepSpeed's ZeRO calls a torch collective that torch has renamed; nothing for a user to act on.
@@ -317,6 +317,8 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
 
     def run_validation(step: int) -> dict:
         result = evaluate(model, splits.val, t.seq_len, t.micro_batch_size, t.eval_batches, rank, world_size)
+        if ep_size > 1:
+            exchange_stats(model)  # validation's exchanges are not training traffic
         logs.record("eval", step, {"val/loss": result["loss"], "val/perplexity": result["perplexity"],
                                    "val/max_vio": result["max_vio"]}, {"val_tokens": result["tokens"]})
         logs.write(f"step {step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
@@ -364,7 +366,8 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
             last = done == end_step
             postfix = None
             if done % t.log_every == 0 or last:
-                postfix = _log_train(logs, engine, window, meter, layers, ks, done, tokens_per_step, max_violation)
+                postfix = _log_train(logs, engine, window, meter, layers, ks, done, tokens_per_step, max_violation,
+                                     ep_size)
             if t.eval_every and (done % t.eval_every == 0 or last):
                 run_validation(done)
             signum = stop.agreed(device)
@@ -413,7 +416,7 @@ def _new_window(device) -> dict:
     return {"sums": torch.zeros(5, dtype=torch.float64, device=device), "micro": 0, "seconds": 0.0, "steps": 0}
 
 
-def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, max_violation) -> dict:
+def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, max_violation, ep_size=1) -> dict:
     """Reduce the window's loss and load over ranks and record them; returns the progress-bar fields."""
     elapsed = window["seconds"]  # training steps only: validation and checkpoints are not counted
     loads = torch.stack([
@@ -448,10 +451,39 @@ def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, m
         share = load / load.sum().clamp_min(1)
         for expert, value in enumerate(share.tolist()):
             scalars[f"load/{name}/expert_{expert:03d}"] = value
+    postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}", "k": ks[0], "MaxVio": f"{mean_vio:.2f}"}
+    if ep_size > 1:
+        a2a_share = _log_expert_parallel(scalars, engine.module, loads, ep_size, window["steps"], elapsed)
+        postfix["a2a"] = f"{100 * a2a_share:.0f}%"
     logs.record("train", step, scalars)
     window.update(_new_window(window["sums"].device))
     meter.reset()
-    return {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}", "k": ks[0], "MaxVio": f"{mean_vio:.2f}"}
+    return postfix
+
+
+def _log_expert_parallel(scalars: dict, model, loads: torch.Tensor, ep_size: int, steps: int, elapsed: float) -> float:
+    """Per-rank exchange volume and all-to-all time, and each expert-parallel rank's share of the
+    load, into ``scalars``; returns the mean share of step time spent in all-to-all."""
+    from parallel.expert_parallel import exchange_stats
+
+    stats = exchange_stats(model)  # this rank's, since the last record
+    mine = torch.tensor([stats["rows_sent"], stats["rows_received"], stats["bytes_sent"], stats["seconds"], elapsed],
+                        dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    shares = []
+    for rank, (sent, received, sent_bytes, seconds, rank_elapsed) in enumerate(t.tolist() for t in every):
+        scalars[f"ep/rank{rank}/rows_sent_per_step"] = sent / max(1, steps)
+        scalars[f"ep/rank{rank}/rows_received_per_step"] = received / max(1, steps)
+        scalars[f"ep/rank{rank}/bytes_sent_per_step"] = sent_bytes / max(1, steps)
+        scalars[f"ep/rank{rank}/all_to_all_share"] = seconds / max(rank_elapsed, 1e-9)
+        shares.append(seconds / max(rank_elapsed, 1e-9))
+    per_rank = loads.view(loads.shape[0], ep_size, -1).sum(-1)  # [L, P] assignments each rank's experts got
+    per_rank = (per_rank / per_rank.sum(-1, keepdim=True).clamp_min(1)).mean(0)
+    for rank, share in enumerate(per_rank.tolist()):
+        scalars[f"ep/expert_rank{rank}/load_share"] = share
+    scalars["train/all_to_all_share"] = sum(shares) / len(shares)
+    return scalars["train/all_to_all_share"]
 
 
 def _print_summary(cfg: RunConfig, out_dir: Path, start_step: int, end_step: int, world_size: int) -> None:

@@ -23,6 +23,7 @@ dropped the overflow of each expert (counted over this rank's tokens) before ste
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -73,7 +74,7 @@ def _exchange(x: torch.Tensor, output_splits: list, input_splits: list, group, s
     dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
     stats.seconds += time.perf_counter() - start
     stats.calls += 1
-    row_bytes = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+    row_bytes = math.prod(x.shape[1:]) * x.element_size()
     stats.bytes_sent += (sum(input_splits) - input_splits[me]) * row_bytes
     return out
 

@@ -8,7 +8,6 @@ by the tests that only read what it wrote.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,9 +24,8 @@ from launch.evaluate import evaluate_path
 from launch.export import export_checkpoint
 from moe import MoETransformer, load_pretrained
 from parallel.checkpoint import LATEST, latest_tag, model_state_dict, resolve, trainer_state
+from tests.runs import REPO, TINY, rank_env, records, set_args, train_under_launcher
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "configs" / "tiny.yaml"
 STEPS = 8
 SHORT = [  # tiny.yaml, shortened: 8 steps, schedules compressed to fit, output every few steps
     f"train.steps={STEPS}", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=4", "train.eval_batches=2",
@@ -35,40 +33,16 @@ SHORT = [  # tiny.yaml, shortened: 8 steps, schedules compressed to fit, output 
 ]
 
 
-def _env() -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-
-
 def _sets(out_dir: Path, cache: Path, extra=()) -> list[str]:
-    args = []
-    for assignment in [*SHORT, f"out_dir={out_dir}", f"data.cache_dir={cache}", *extra]:
-        args += ["--set", assignment]
-    return args
+    return set_args([*SHORT, f"out_dir={out_dir}", f"data.cache_dir={cache}", *extra])
 
 
-def _deepspeed(out_dir: Path, cache: Path, *extra_args: str, extra_sets=()) -> subprocess.CompletedProcess:
+def _deepspeed(out_dir: Path, cache: Path, *extra_args: str, extra_sets=()):
     """Two ranks, started by the `deepspeed` launcher script itself (not through `moe train`)."""
-    command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_port()),
-               "--module", "launch.train", "--config", str(TINY), *_sets(out_dir, cache, extra_sets), *extra_args]
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return train_under_launcher(out_dir, cache, [*SHORT, *extra_sets], *extra_args)
 
 
-def _port() -> int:
-    from parallel.engine import _free_port
-
-    return _free_port()
-
-
-def _records(out_dir: Path, event: str) -> list[dict]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == event]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("corpus-cache")
+_records = records
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +150,7 @@ def test_sigterm_stops_at_a_step_boundary_with_a_complete_checkpoint(tmp_path, c
     out_dir = tmp_path / "interrupted"
     command = [sys.executable, "-m", "launch.train", "--config", str(TINY), "--data", str(corpus),
                *_sets(out_dir, cache, ["train.steps=1000", "train.save_every=3", "train.eval_every=0"])]
-    process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, cwd=REPO, env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while latest_tag(out_dir / "checkpoints") is None and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
