@@ -29,3 +29,24 @@ def test_bench_layer_writes_consistent_json(tmp_path, capsys):
         assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, key
     for key, (numerator, denominator) in RATIOS.items():
         assert abs(row[key] - row[numerator] / row[denominator]) <= 1e-9, key
+
+
+def test_bench_ep_counts_the_bytes_the_formula_predicts(tmp_path, capsys):
+    """`moe bench ep` on 2 real ranks: EP=1 exchanges nothing; at EP=2 the bytes the dispatcher
+    counted match 4 L T k d b (P-1)/P (random tokens route near-uniformly; 10% slack)."""
+    from launch.cli import main
+
+    report_path = tmp_path / "ep.json"
+    assert main(["bench", "ep", "--steps", "1", "--warmup", "0", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    rows = {(r["config"], r["ep"]): r for r in report["results"]}
+    assert set(rows) == {("tiny", 1), ("tiny", 2), ("fine-grained", 1), ("fine-grained", 2)}
+    for (config, ep), row in rows.items():
+        assert row["step_ms"] > 0
+        if ep == 1:
+            assert row["mb_sent"] == 0 and row["a2a_ms"] == 0
+        else:
+            assert 0.9 < row["mb_sent"] / row["formula_mb"] < 1.1, row
+            assert 0 < row["a2a_share"] < 1
+    printed = capsys.readouterr().out
+    assert "measured / formula bytes at EP=2" in printed

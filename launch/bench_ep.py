@@ -1,0 +1,188 @@
+"""``moe bench ep``: training-step time and all-to-all cost at EP=1 and EP=2, on 2 ranks.
+
+The command starts 2 ranks with the deepspeed launcher (CPU and gloo without a GPU); each rank runs
+this module's :func:`main`. For ``tiny.yaml`` and for a fine-grained variant of it (64 narrow
+experts, top-6), and for expert-parallel sizes 1 and 2, it builds the model from one seed, wraps
+it in the DeepSpeed engine the trainer uses, and times full training steps (forward, auxiliary
+losses, backward, gradient reduction, AdamW, bias update) on random tokens. It reports
+
+    step ms        median over ranks of each step's wall time (the slowest rank per step)
+    a2a ms         time inside all-to-all calls per step (counts, dispatch, combine, and both in backward)
+    a2a share      a2a ms / step ms
+    MB sent        bytes of token rows each rank sent to the other per step, as counted by the dispatcher
+    formula MB     4 * L * T * k * d * bytes * (P - 1) / P: the same volume for perfectly balanced routing
+                   (dispatch and combine, forward and backward; T tokens per rank, L MoE layers)
+
+All figures are measured in this run; nothing is copied from elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+CONFIGS = {
+    "tiny": ["model.moe.k_schedule=constant"],
+    "fine-grained": ["model.moe.num_experts=64", "model.moe.top_k=6", "model.moe.ffn_hidden_size=32",
+                     "model.moe.k_schedule=constant"],
+}
+COLUMNS = ("step_ms", "a2a_ms", "a2a_share", "mb_sent", "formula_mb")
+
+
+def all_to_all_bytes_per_step(moe_layers: int, tokens: int, top_k: int, hidden: int, dtype_bytes: int, ep: int) -> float:
+    """Bytes one rank sends per training step with perfectly balanced routing: each of its
+    ``tokens * top_k`` assignments leaves the rank with probability (P-1)/P, twice forward
+    (dispatch, combine) and twice backward, once per MoE layer."""
+    return 4.0 * moe_layers * tokens * top_k * hidden * dtype_bytes * (ep - 1) / ep
+
+
+def add_parser(which: argparse._SubParsersAction) -> None:
+    parser = which.add_parser("ep", help="training step time and all-to-all cost at EP=1 and EP=2 on 2 ranks")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per case (default 8)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Start the 2 ranks, then print the table rank 0 wrote."""
+    import subprocess
+    import tempfile
+
+    from parallel.engine import _free_port
+
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench_ep.json"
+        env = dict(os.environ)
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                   str(_free_port()), "--module", "launch.bench_ep", "--out", str(out),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if result.returncode != 0 or not out.exists():
+            tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
+            raise RuntimeError("the benchmark ranks failed:\n" + "\n".join(tail))
+        report = json.loads(out.read_text())
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def print_report(report: dict) -> None:
+    print(f"moe bench ep: {report['world_size']} ranks ({report['device']}, {report['threads']} threads each), "
+          f"torch {report['torch']}, {report['tokens_per_rank']} tokens per rank per step, "
+          f"{report['steps']} timed steps after {report['warmup']} warm-up")
+    for line in __doc__.split("It reports")[1].split("All figures")[0].strip("\n").splitlines():
+        print(line)
+    print()
+    header = f"{'config':<14}{'E':>4}{'k':>3}{'EP':>4}  " + "".join(f"{c:>12}" for c in ("step ms", "a2a ms", "a2a share",
+                                                                                          "MB sent", "formula MB"))
+    print(header)
+    for row in report["results"]:
+        cells = [f"{row['step_ms']:.1f}", f"{row['a2a_ms']:.1f}", f"{100 * row['a2a_share']:.1f}%",
+                 f"{row['mb_sent']:.2f}", f"{row['formula_mb']:.2f}"]
+        print(f"{row['config']:<14}{row['num_experts']:>4}{row['top_k']:>3}{row['ep']:>4}  " + "".join(f"{c:>12}" for c in cells))
+    for name in CONFIGS:
+        rows = {r["ep"]: r for r in report["results"] if r["config"] == name}
+        if 1 in rows and 2 in rows:
+            print(f"{name}: EP=2 step time / EP=1 step time = {rows[2]['step_ms'] / rows[1]['step_ms']:.2f}x; "
+                  f"measured / formula bytes at EP=2 = {rows[2]['mb_sent'] / rows[2]['formula_mb']:.3f}")
+
+
+def _measure(name: str, overrides: list, ep: int, steps: int, warmup: int, rank: int, world: int) -> dict:
+    from launch.config import load_run_config
+    from moe import MoETransformer, collect_aux_losses, moe_layers, update_expert_biases
+    from parallel.engine import build_engine
+    from parallel.expert_parallel import apply_expert_parallel, exchange_stats
+    from parallel.groups import expert_parallel_groups
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_run_config(repo / "configs" / "tiny.yaml", [*overrides, "train.grad_clip=1.0"])
+    torch.manual_seed(0)
+    model = MoETransformer(cfg.model)
+    if ep > 1:
+        apply_expert_parallel(model, expert_parallel_groups(ep))
+    engine = build_engine(model, cfg.deepspeed, cfg.train)
+    t = cfg.train
+    generator = torch.Generator().manual_seed(1000 + rank)
+    times = []
+    for step in range(warmup + steps):
+        if step == warmup:
+            exchange_stats(model)  # count the timed steps only
+        batch = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), generator=generator)
+        batch = batch.to(engine.device)
+        dist.barrier()
+        start = time.perf_counter()
+        _, loss = engine(batch[:, :-1], labels=batch[:, 1:])
+        aux = collect_aux_losses(model)
+        engine.backward(loss if aux is None else loss + aux)
+        engine.step()
+        update_expert_biases(model, group=dist.group.WORLD)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank ends
+        if step >= warmup:
+            times.append(float(elapsed))
+    counted = exchange_stats(model)
+    stats = torch.tensor([counted["seconds"], counted["bytes_sent"]], dtype=torch.float64)
+    dist.all_reduce(stats)
+    moe = cfg.model.moe
+    num_moe_layers = len(list(moe_layers(model)))
+    tokens = t.micro_batch_size * t.seq_len
+    step_s = statistics.median(times)
+    a2a_s = float(stats[0]) / world / steps
+    return {
+        "config": name, "num_experts": moe.num_experts, "top_k": moe.top_k, "ep": ep, "hidden": moe.hidden_size,
+        "moe_layers": num_moe_layers, "step_ms": 1e3 * step_s, "a2a_ms": 1e3 * a2a_s, "a2a_share": a2a_s / step_s,
+        "mb_sent": float(stats[1]) / world / steps / 1e6,
+        "formula_mb": all_to_all_bytes_per_step(num_moe_layers, tokens, moe.top_k, moe.hidden_size, 4, ep) / 1e6,
+    }
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="launch.bench_ep")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    from parallel.engine import init_distributed
+
+    rank, world = init_distributed()
+    if world != 2:
+        raise SystemExit(f"moe bench ep runs on exactly 2 ranks, got {world}")
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    results = [_measure(name, overrides, ep, args.steps, args.warmup, rank, world)
+               for name, overrides in CONFIGS.items() for ep in (1, 2)]
+    if rank == 0:
+        from launch.config import load_run_config
+
+        cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+        report = {"world_size": world, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                  "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
+                  "warmup": args.warmup, "tokens_per_rank": cfg.train.micro_batch_size * cfg.train.seq_len,
+                  "results": results}
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
