@@ -73,10 +73,33 @@ def check_same_model(saved_model: dict, model: dict, where: str) -> None:
             )
 
 
+def verify_replicas(model) -> None:
+    """Raise if a tensor that every rank holds whole (everything but expert slices: embeddings,
+    attention, routers, expert biases) differs between ranks. One all-gather of per-tensor sums."""
+    from parallel.expert_parallel import is_expert_parameter
+
+    if dist.get_world_size() == 1:
+        return
+    names, sums = [], []
+    for name, tensor, is_param in _named_state(model):
+        if not (is_param and is_expert_parameter(tensor)):
+            names.append(name)
+            sums.append(tensor.detach().double().sum().cpu())
+    mine = torch.stack(sums)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    for rank, theirs in enumerate(every):
+        bad = (theirs != mine).nonzero().flatten().tolist()
+        if bad:
+            raise RuntimeError(f"replicated tensors differ between rank {dist.get_rank()} and rank {rank}: "
+                               f"{', '.join(names[i] for i in bad[:5])}")
+
+
 def save(engine, root: str | os.PathLike, step: int, trainer_state: dict, run_config: dict, keep: int = 0) -> str:
     """Write the checkpoint of ``step`` on every rank, then publish it as ``latest``; with
     ``keep > 0``, delete all but the ``keep`` newest complete checkpoints. Returns the tag."""
     root, tag = Path(root), tag_for_step(step)
+    verify_replicas(engine.module)  # rank 0 writes the replicated tensors for everyone
     engine.save_checkpoint(str(root), tag=tag, client_state={TRAINER_STATE: trainer_state}, save_latest=False)
     save_portable(engine, root / tag)
     if dist.get_rank() == 0:

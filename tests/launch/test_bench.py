@@ -41,7 +41,7 @@ def test_bench_ep_counts_the_bytes_the_formula_predicts(tmp_path, capsys):
     report = json.loads(report_path.read_text())
     rows = {(r["config"], r["ep"]): r for r in report["results"]}
     assert set(rows) == {("tiny", 1), ("tiny", 2), ("fine-grained", 1), ("fine-grained", 2)}
-    for (config, ep), row in rows.items():
+    for (_, ep), row in rows.items():
         assert row["step_ms"] > 0
         if ep == 1:
             assert row["mb_sent"] == 0 and row["a2a_ms"] == 0

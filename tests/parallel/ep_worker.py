@@ -111,6 +111,25 @@ def main() -> None:
     out_dir = Path(args.out)
     for name, options in CASES.items():
         run_case(name, options, out_dir, rank, world)
+    check_replicas(out_dir, rank, world)
+
+
+def check_replicas(out_dir: Path, rank: int, world: int) -> None:
+    """The checkpoint guard: replicated tensors must agree across ranks; expert slices may not."""
+    from parallel.checkpoint import verify_replicas
+
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden_size=12, ffn_hidden_size=10, num_experts=8, balance="bias"))
+    apply_expert_parallel(layer, expert_parallel_groups(world))
+    verify_replicas(layer)  # expert slices differ by construction: not an error
+    with torch.no_grad():
+        layer.router.expert_bias[0] += float(rank)  # rank 1's bias drifts
+    try:
+        verify_replicas(layer)
+        message = None
+    except RuntimeError as err:
+        message = str(err)
+    (out_dir / f"replicas.rank{rank}.json").write_text(json.dumps({"error": message}))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ RTOL = 1e-4  # DeepSpeed's own MoE tests hold expert gradients to rtol 1e-4
 def layer_results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ep-layer")
     deepspeed_launch(str(WORKER), "--out", str(out))
-    return {(case, rank): json.loads((out / f"{case}.rank{rank}.json").read_text()) for case in CASES for rank in (0, 1)}
+    return {(case, rank): json.loads((out / f"{case}.rank{rank}.json").read_text())
+            for case in (*CASES, "replicas") for rank in (0, 1)}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -54,6 +55,12 @@ def test_skewed_routing_leaves_one_rank_without_tokens(layer_results):
     rank0, rank1 = layer_results["skewed_to_rank0", 0], layer_results["skewed_to_rank0", 1]
     assert rank1["rows_received"] == 0 and rank1["local_expert_rows"] == [False] * 4  # zero-token experts
     assert rank0["rows_received"] > 0 and all(rank0["local_expert_rows"])
+
+
+def test_a_replica_that_drifted_is_caught(layer_results):
+    for rank in (0, 1):
+        error = layer_results["replicas", rank]["error"]
+        assert error is not None and "router.expert_bias" in error
 
 
 def test_capacity_mode_drops_per_rank(layer_results):
