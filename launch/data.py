@@ -177,8 +177,10 @@ class BatchSampler:
 
 def validation_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int, rank: int = 0, world_size: int = 1):
     """Fixed, non-overlapping windows from the start of the validation split, dealt round-robin to
-    ranks: the same windows every evaluation, so validation losses are comparable across steps."""
+    ranks, the same number to each: the same windows every evaluation, so validation losses are
+    comparable across steps."""
     num_windows = min((len(tokens) - 1) // seq_len, max_batches * batch_size * world_size)
+    num_windows -= num_windows % world_size  # every rank runs as many forwards (expert parallelism exchanges in each)
     mine = list(range(rank, num_windows, world_size))
     for i in range(0, len(mine), batch_size):
         starts = [w * seq_len for w in mine[i : i + batch_size]]

@@ -328,7 +328,7 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
     def save(step: int) -> None:
         client_state = {"step": step, "sampler": sampler.state_dict(), "torch_rng_state": torch.get_rng_state(),
                         "active_experts": [layer.active_experts for layer in layers.values()],
-                        "layout": checkpoint.current_layout(model)}
+                        "layout": checkpoint.current_layout(engine)}
         tag = checkpoint.save(engine, ckpt_root, step, client_state, run_dict, keep=t.keep_checkpoints)
         logs.write(f"step {step}: checkpoint {ckpt_root / tag}")
 

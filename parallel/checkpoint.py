@@ -117,12 +117,12 @@ def load(engine, root: str | os.PathLike, tag: str) -> dict:
     """Restore model, optimizer, LR schedule and buffers (expert biases included) from
     ``root/tag``; returns the trainer state saved with it.
 
-    At the layout that wrote it (expert-parallel size and world size) DeepSpeed loads its own
+    At the layout that wrote it (world size, expert-parallel size, ZeRO stage) DeepSpeed loads its own
     files; DeepSpeed then gives every rank the model states of rank 0, so each rank's expert slice
     is set again from the portable files. At another layout everything comes from those files
     (:func:`load_resharded`)."""
     saved_layout = trainer_state(root, tag).get("layout")
-    if saved_layout is not None and saved_layout != current_layout(engine.module):
+    if saved_layout is not None and saved_layout != current_layout(engine):
         return load_resharded(engine, root, tag)
     load_path, saved = engine.load_checkpoint(
         str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -134,12 +134,13 @@ def load(engine, root: str | os.PathLike, tag: str) -> dict:
     return saved[TRAINER_STATE]
 
 
-def current_layout(model) -> dict:
-    """How this run spreads the model: what a checkpoint records to know if it can be loaded as is."""
-    span = _expert_range(model)
-    num_experts = span[2] if span else None
-    ep = 1 if span is None else num_experts // (span[1] - span[0])
-    return {"world_size": dist.get_world_size(), "expert_parallel_size": ep}
+def current_layout(engine) -> dict:
+    """How this run spreads the model and its optimizer over ranks. DeepSpeed's own files load only
+    into the same layout; a checkpoint records it so that a resume elsewhere uses the portable files."""
+    span = _expert_range(engine.module)
+    ep = 1 if span is None else span[2] // (span[1] - span[0])
+    return {"world_size": dist.get_world_size(), "expert_parallel_size": ep,
+            "zero_stage": int(engine.zero_optimization_stage())}
 
 
 def _model_states(root: str | os.PathLike, tag: str) -> dict:

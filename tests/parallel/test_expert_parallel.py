@@ -93,10 +93,10 @@ def runs(tmp_path_factory, cache) -> dict[str, Path]:
     _run(paths["ep1"], cache, ep=1, zero=1)
     paths["ep2_zero0"] = root / "ep2_zero0"
     _run(paths["ep2_zero0"], cache, ep=2, zero=0)
-    # EP=1 for half the steps, then resumed at EP=2
+    # EP=1 (ZeRO-1) for half the steps, then resumed at EP=2 with ZeRO-0
     paths["ep1_then_ep2"] = root / "ep1_then_ep2"
     _run(paths["ep1_then_ep2"], cache, 1, 1, "--until-step", str(HALF))
-    _run(paths["ep1_then_ep2"], cache, 2, 1, "--resume")
+    _run(paths["ep1_then_ep2"], cache, 2, 0, "--resume")
     # EP=2 (ZeRO-2) for half the steps, then resumed at EP=2 and, from a copy, at EP=1
     paths["ep2_then_ep2"] = root / "ep2_then_ep2"
     _run(paths["ep2_then_ep2"], cache, 2, 2, "--until-step", str(HALF))
