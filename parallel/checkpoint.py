@@ -1,11 +1,20 @@
-"""DeepSpeed checkpoints that survive being killed, and the weights inside them.
+"""DeepSpeed checkpoints that survive being killed, load at any layout, and export without pickle.
 
-A checkpoint is DeepSpeed's own folder ``<root>/<tag>/`` (model and optimizer states, ZeRO
-shards, the trainer's ``client_state``) plus ``run_config.json`` beside those files. It becomes
-the one to resume from only when complete: every rank writes, all ranks meet at a barrier, and
-rank 0 then points ``<root>/latest`` at the tag by writing a temporary file and renaming it. A run
-killed mid-save leaves ``latest`` naming the previous, complete checkpoint. DeepSpeed's
-``load_checkpoint`` reads the same ``latest`` file, so its tools (``zero_to_fp32``) work on it.
+A checkpoint is a folder ``<root>/<tag>/`` holding
+
+- DeepSpeed's own files (model states, optimizer states or ZeRO shards, the trainer's state under
+  ``client_state["trainer"]``): what a resume at the same layout loads;
+- the portable state, safetensors files of consolidated fp32 weights and AdamW moments, replicated
+  tensors in ``model.safetensors`` / ``optim.safetensors`` and each slice of experts in
+  ``*.experts-FIRST-LAST.safetensors``: what export reads, and what a resume at another world
+  size, expert-parallel size or ZeRO stage restores from (DeepSpeed's universal checkpoint does
+  not cover MoE);
+- ``run_config.json``, the config that wrote it.
+
+It becomes the one to resume from only when complete: every rank writes, all ranks meet at a
+barrier, and rank 0 then points ``<root>/latest`` at the tag by writing a temporary file and
+renaming it. A run killed mid-save leaves ``latest`` naming the previous, complete checkpoint.
+DeepSpeed's ``load_checkpoint`` reads the same ``latest`` file.
 """
 
 from __future__ import annotations
