@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -127,12 +127,49 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.out = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache: Optional["LayerCache"] = None) -> torch.Tensor:
         batch, seq, d = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, rotary[:seq]), apply_rotary(k, rotary[:seq])  # [B, H, S, D]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        start = 0 if cache is None else cache.length
+        positions = rotary[start : start + seq]
+        q, k = apply_rotary(q, positions), apply_rotary(k, positions)  # [B, H, S, D]
+        if cache is None or start == 0:
+            if cache is not None:
+                cache.append(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new queries at positions start.. attend to every cached key up to their own position
+            k, v = cache.append(k, v)  # [B, H, start + S, D]
+            allowed = torch.arange(start + seq, device=x.device) <= torch.arange(start, start + seq, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.out(y.transpose(1, 2).reshape(batch, seq, d))
+
+
+class LayerCache:
+    """Keys and values of one attention layer for the positions seen so far, ``[B, H, S, D]``."""
+
+    def __init__(self):
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=2)
+        self.values = values if self.values is None else torch.cat([self.values, values], dim=2)
+        return self.keys, self.values
+
+
+class KVCache:
+    """One :class:`LayerCache` per block; pass the same object to successive forwards to decode."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [LayerCache() for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
 
 
 class DenseFFN(nn.Module):
@@ -161,8 +198,8 @@ class Block(nn.Module):
             ffn = config.dense_ffn_hidden_size or config.moe.ffn_hidden_size * config.moe.top_k
             self.ffn = DenseFFN(d, ffn)
 
-    def forward(self, x: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rotary)
+    def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache: Optional[LayerCache] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -203,17 +240,72 @@ class MoETransformer(nn.Module):
                         nn.init.normal_(weight, mean=0.0, std=std)
                 nn.init.normal_(experts.w2, mean=0.0, std=residual_std)
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
-        if input_ids.shape[-1] > self.config.max_seq_len:
-            raise ValueError(f"sequence length {input_ids.shape[-1]} exceeds max_seq_len {self.config.max_seq_len}")
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
+        """``cache``: a :class:`KVCache` holding the earlier positions; ``input_ids`` continue them
+        and the cache is extended (decoding one token at a time costs one position, not all)."""
+        past = 0 if cache is None else cache.length
+        if past + input_ids.shape[-1] > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {past + input_ids.shape[-1]} exceeds max_seq_len {self.config.max_seq_len}"
+            )
         x = self.embed(input_ids)  # [B, S, d]
-        for block in self.blocks:
-            x = block(x, self.rotary)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.rotary, None if cache is None else cache.layers[i])
         logits = self.lm_head(self.norm(x))  # [B, S, V]
         if labels is None:
             return logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        active_experts: Optional[Union[int, Sequence[int]]] = None,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        use_cache: bool = True,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """``input_ids [B, S]`` followed by ``max_new_tokens`` sampled tokens, ``[B, S + n]``.
+
+        ``active_experts``: run every MoE layer at this k (an int, or one per MoE layer) for this
+        call only; the model's own k is restored afterwards. ``temperature`` 0 is greedy; ``top_k``
+        samples among the k most likely tokens. With ``use_cache`` the prompt is encoded once and
+        each new token costs one position (a :class:`KVCache`); without it every step re-encodes
+        everything (the reference the cache is tested against).
+        """
+        from moe.runtime import set_active_experts
+
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"generate: input_ids must be [batch, length >= 1], got shape {tuple(input_ids.shape)}")
+        if max_new_tokens < 0 or input_ids.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"generate: max_new_tokens={max_new_tokens} is invalid: the prompt ({input_ids.shape[1]}) plus the new "
+                f"tokens must fit in max_seq_len ({self.config.max_seq_len})"
+            )
+        if temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"generate: temperature={temperature} must be >= 0 and top_k={top_k} >= 1")
+        layers = [block.ffn for block in self.blocks if isinstance(block.ffn, MoELayer)]
+        saved = [layer.active_experts for layer in layers]
+        was_training = self.training
+        self.eval()
+        try:
+            if active_experts is not None:
+                set_active_experts(self, active_experts)
+            cache = KVCache(len(self.blocks)) if use_cache else None
+            tokens, step_input = input_ids, input_ids
+            for _ in range(max_new_tokens):
+                logits = self(step_input if use_cache else tokens, cache=cache)[:, -1].float()  # [B, V]
+                next_token = _sample(logits, temperature, top_k, generator)  # [B, 1]
+                tokens = torch.cat([tokens, next_token], dim=1)
+                step_input = next_token
+            return tokens
+        finally:
+            for layer, k in zip(layers, saved):
+                layer.set_active_experts(k)
+            self.train(was_training)
 
     def num_parameters(self, active_k: Optional[int] = None) -> int:
         """All parameters, or those one token uses when each MoE layer runs ``active_k`` experts."""
@@ -227,3 +319,14 @@ class MoETransformer(nn.Module):
                 per_expert = sum(w[0].numel() for w in (experts.w1, experts.w2, experts.w3) if w is not None)
                 inactive += (experts.num_experts - active_k) * per_expert
         return total - inactive
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], generator) -> torch.Tensor:
+    """One token per row of ``logits [B, V]``: greedy at temperature 0, else softmax sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)

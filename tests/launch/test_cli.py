@@ -43,3 +43,25 @@ def test_config_command_prints_parameter_counts_of_the_built_model(capsys):
     assert "num_layers: 2" in out
     assert main(["config", "configs/missing.yaml"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_generate_command_continues_the_prompt_at_the_chosen_k(tmp_path, capsys):
+    import torch
+
+    import moe
+    from moe import ModelConfig, MoEConfig, MoETransformer
+
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig(num_layers=2, num_heads=2, max_seq_len=32,
+                                       moe=MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=4, top_k=2)))
+    moe.save_pretrained(model, tmp_path / "model")
+    args = ["generate", "--model", str(tmp_path / "model"), "--prompt", "ab", "--max-new-tokens", "5", "--temperature", "0"]
+    assert main([*args, "--experts", "1"]) == 0
+    out = capsys.readouterr().out
+    expected = bytes(model.generate(torch.tensor([[97, 98]]), 5, active_experts=1, temperature=0)[0].tolist())
+    assert out.startswith(expected.decode("utf-8", errors="replace") + "\n")
+    assert "5 bytes at k=1 of 4 experts" in out
+    assert main([*args, "--experts", "9"]) == 2
+    assert "expected an integer in 1..4" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "model"), "--prompt", ""]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err

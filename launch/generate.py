@@ -1,0 +1,52 @@
+"""``moe generate --model PATH --prompt TEXT [--experts K] [--max-new-tokens N] ...``: text from an
+exported model (or a training checkpoint), at any number of active experts.
+
+Tokens are bytes: the prompt is UTF-8 encoded, the output decoded with invalid bytes replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("generate", help="generate text at a chosen number of active experts")
+    parser.add_argument("--model", required=True, help="an exported model folder or a training checkpoint folder")
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--experts", type=int, default=None, metavar="K",
+                        help="active experts per MoE layer (default: as saved with the model)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default 200)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely bytes (default 40)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from launch.evaluate import load_model_for_eval
+
+    prompt = args.prompt.encode("utf-8")
+    if not prompt:
+        raise ValueError("--prompt is empty: give at least one character to continue")
+    model, _ = load_model_for_eval(args.model)
+    if model.config.vocab_size < 256:
+        raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is not byte-level (256)")
+    budget = model.config.max_seq_len - len(prompt)
+    if budget < 1:
+        raise ValueError(f"the prompt is {len(prompt)} bytes; the model reads at most {model.config.max_seq_len}")
+    new_tokens = min(args.max_new_tokens, budget)
+    input_ids = torch.tensor([list(prompt)], dtype=torch.long)
+    start = time.perf_counter()
+    output = model.generate(input_ids, new_tokens, active_experts=args.experts, temperature=args.temperature,
+                            top_k=args.top_k, generator=torch.Generator().manual_seed(args.seed))
+    elapsed = time.perf_counter() - start
+    text = bytes(output[0, len(prompt):].tolist()).decode("utf-8", errors="replace")
+    ks = [block.ffn.active_experts for block in model.blocks if hasattr(block.ffn, "active_experts")]
+    k = args.experts if args.experts is not None else (ks[0] if len(set(ks)) == 1 else ks)
+    print(args.prompt + text)
+    print(f"-- {new_tokens} bytes at k={k} of {model.config.moe.num_experts} experts, "
+          f"{new_tokens / max(elapsed, 1e-9):,.0f} bytes/s (KV cache)")
+    return 0
