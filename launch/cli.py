@@ -4,8 +4,9 @@
                                              train a MoE language model (wraps the deepspeed launcher)
     moe eval --model PATH [--k K]            validation loss, perplexity, MaxVio and tokens/s
     moe export CHECKPOINT OUT                a checkpoint as safetensors + JSON config
-    moe generate --model PATH --prompt TEXT [--experts K]
+    moe generate --model PATH --prompt TEXT [--experts K|auto]
                                              text from a model at K active experts (KV cache)
+    moe slim --model PATH [--k 1,2,4,8]      quality, speed and cost at every k; budgets pick k
     moe demo [--tokens T] [--steps S] ...    route a synthetic token stream through one MoE layer and
                                              print routing statistics
     moe bench layer                          time the MoE layer against deepspeed.moe and dense matmuls
@@ -25,7 +26,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch import bench, demo, evaluate, export, generate, inspect_config, train
+    from launch import bench, demo, evaluate, export, generate, inspect_config, slim, train
 
     parser = argparse.ArgumentParser(
         prog="moe",
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(commands)
     export.add_parser(commands)
     generate.add_parser(commands)
+    slim.add_parser(commands)
     inspect_config.add_parser(commands)
     demo.add_parser(commands)
     bench.add_parser(commands)

@@ -16,8 +16,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("generate", help="generate text at a chosen number of active experts")
     parser.add_argument("--model", required=True, help="an exported model folder or a training checkpoint folder")
     parser.add_argument("--prompt", required=True, help="the text to continue")
-    parser.add_argument("--experts", type=int, default=None, metavar="K",
-                        help="active experts per MoE layer (default: as saved with the model)")
+    parser.add_argument("--experts", default=None, metavar="K|auto",
+                        help="active experts per MoE layer (default: as saved with the model); auto: the largest "
+                             "k within --budget-ms-per-token or --budget-flops, from the sweep `moe slim` saved")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget-ms-per-token", type=float, default=None, help="decode time budget for --experts auto")
+    budget.add_argument("--budget-flops", type=float, default=None, help="FLOPs per token budget for --experts auto")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default 200)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely bytes (default 40)")
@@ -32,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompt:
         raise ValueError("--prompt is empty: give at least one character to continue")
     model, _ = load_model_for_eval(args.model)
+    experts = _resolve_experts(args)
     if model.config.vocab_size < 256:
         raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is not byte-level (256)")
     budget = model.config.max_seq_len - len(prompt)
@@ -40,13 +45,28 @@ def run(args: argparse.Namespace) -> int:
     new_tokens = min(args.max_new_tokens, budget)
     input_ids = torch.tensor([list(prompt)], dtype=torch.long)
     start = time.perf_counter()
-    output = model.generate(input_ids, new_tokens, active_experts=args.experts, temperature=args.temperature,
+    output = model.generate(input_ids, new_tokens, active_experts=experts, temperature=args.temperature,
                             top_k=args.top_k, generator=torch.Generator().manual_seed(args.seed))
     elapsed = time.perf_counter() - start
     text = bytes(output[0, len(prompt):].tolist()).decode("utf-8", errors="replace")
     ks = [block.ffn.active_experts for block in model.blocks if hasattr(block.ffn, "active_experts")]
-    k = args.experts if args.experts is not None else (ks[0] if len(set(ks)) == 1 else ks)
+    k = experts if experts is not None else (ks[0] if len(set(ks)) == 1 else ks)
     print(args.prompt + text)
     print(f"-- {new_tokens} bytes at k={k} of {model.config.moe.num_experts} experts, "
           f"{new_tokens / max(elapsed, 1e-9):,.0f} bytes/s (KV cache)")
     return 0
+
+
+def _resolve_experts(args: argparse.Namespace):
+    from launch.slim import load_sweep, pick_k
+
+    if args.experts is None:
+        return None
+    if args.experts == "auto":
+        if args.budget_ms_per_token is None and args.budget_flops is None:
+            raise ValueError("--experts auto needs --budget-ms-per-token or --budget-flops")
+        return pick_k(load_sweep(args.model), args.budget_ms_per_token, args.budget_flops)
+    try:
+        return int(args.experts)
+    except ValueError:
+        raise ValueError(f"--experts {args.experts!r} is invalid: expected an integer k or 'auto'") from None

@@ -307,6 +307,24 @@ class MoETransformer(nn.Module):
                 layer.set_active_experts(k)
             self.train(was_training)
 
+    def flops_per_token(self, active_k: Optional[int] = None, context: int = 0) -> int:
+        """Forward FLOPs of one token (2 per multiply-add): the attention projections, attention
+        over ``context`` positions (scores and values, ``4 * d * context`` per layer), the router,
+        ``active_k`` experts per MoE layer (default: each layer's current k), the dense FFNs and the
+        LM head. Elementwise work and norms are not counted."""
+        cfg = self.config
+        d, moe_cfg = cfg.hidden_size, cfg.moe
+        per_expert = (3 if moe_cfg.activation == "swiglu" else 2) * d * moe_cfg.ffn_hidden_size
+        total = 2 * self.lm_head.weight.numel()
+        for block in self.blocks:
+            total += 2 * (block.attn.qkv.weight.numel() + block.attn.out.weight.numel()) + 4 * d * context
+            if isinstance(block.ffn, MoELayer):
+                k = block.ffn.active_experts if active_k is None else active_k
+                total += 2 * d * moe_cfg.num_experts + 2 * k * per_expert
+            else:
+                total += 2 * sum(p.numel() for p in block.ffn.parameters())
+        return total
+
     def num_parameters(self, active_k: Optional[int] = None) -> int:
         """All parameters, or those one token uses when each MoE layer runs ``active_k`` experts."""
         total = sum(p.numel() for p in self.parameters())

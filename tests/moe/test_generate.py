@@ -99,3 +99,17 @@ def test_bad_requests_are_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call(model)
     assert [b.ffn.active_experts for b in model.blocks] == [2, 2, 2]  # nothing changed
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_flops_per_token_matches_torchs_flop_counter(k):
+    """The analytic count against torch.utils.flop_counter's count of the matmuls of a forward
+    (it does not count CPU attention, so compare at context 0: attention adds 4 d context per layer)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _model(router="learned", balance="none")
+    moe.set_active_experts(model, k)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, 256, (1, 5)))
+    assert 5 * model.flops_per_token(context=0) == counter.get_total_flops()
+    assert model.flops_per_token(context=10) - model.flops_per_token(context=0) == 3 * 4 * 16 * 10

@@ -1,0 +1,201 @@
+"""``moe slim --model PATH [--k 1,2,4,8] [--out DIR]``: the same weights at every k, measured.
+
+For each k: validation loss and perplexity, prefill and decode throughput (decode with the KV
+cache, one token per step), active parameters and forward FLOPs per token. Writes ``slim.csv``,
+``slim.md``, ``slim.json`` and ``slim.png`` (quality and speed against k) to DIR (default
+``PATH/slim``) and prints the table and the paths.
+
+Budgets pick the largest measured k that fits: ``--budget-ms-per-token X`` (decode time per
+token) or ``--budget-flops X`` (forward FLOPs per token). ``moe generate --experts auto`` applies
+the same rule to the sweep saved beside the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SWEEP_DIR = "slim"
+COLUMNS = ("k", "val_loss", "perplexity", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_token",
+           "active_parameters", "flops_per_token")
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("slim", help="quality, speed and cost of one model at every k")
+    parser.add_argument("--model", required=True, help="an exported model folder or a training checkpoint folder")
+    parser.add_argument("--k", default=None, help="comma-separated ks (default: 1, 2, 4, ... and E)")
+    parser.add_argument("--out", default=None, help="output folder (default: MODEL/slim)")
+    parser.add_argument("--data", default=None, help="validation data (default: the model's training corpus)")
+    parser.add_argument("--batches", type=int, default=16, help="validation batches per k (default 16)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per timing (default 32)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget-ms-per-token", type=float, default=None, help="pick the largest k within this decode time")
+    budget.add_argument("--budget-flops", type=float, default=None, help="pick the largest k within these FLOPs per token")
+    parser.set_defaults(func=run)
+
+
+def default_ks(num_experts: int) -> list[int]:
+    ks, k = [], 1
+    while k < num_experts:
+        ks.append(k)
+        k *= 2
+    return ks + [num_experts]
+
+
+def parse_ks(text: Optional[str], num_experts: int) -> list[int]:
+    if text is None:
+        return default_ks(num_experts)
+    try:
+        ks = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(f"--k {text!r} is invalid: expected comma-separated integers, e.g. 1,2,4") from None
+    bad = [k for k in ks if not 1 <= k <= num_experts]
+    if not ks or bad:
+        raise ValueError(f"--k {text!r} is invalid: every k must be in 1..{num_experts} (the model's experts)")
+    return ks
+
+
+def pick_k(rows: list[dict], budget_ms_per_token: Optional[float] = None, budget_flops: Optional[float] = None) -> int:
+    """The largest k whose measured decode time (or FLOPs) per token is within the budget."""
+    if (budget_ms_per_token is None) == (budget_flops is None):
+        raise ValueError("give exactly one budget: ms per token or FLOPs per token")
+    key, limit = ("decode_ms_per_token", budget_ms_per_token) if budget_flops is None else ("flops_per_token", budget_flops)
+    fitting = [row["k"] for row in rows if row[key] <= limit]
+    if not fitting:
+        cheapest = min(rows, key=lambda row: row[key])
+        raise ValueError(f"no k fits a budget of {limit:g} {key.replace('_', ' ')}: the cheapest, k={cheapest['k']}, "
+                         f"needs {cheapest[key]:g}")
+    return max(fitting)
+
+
+@torch.no_grad()
+def _speed(model, k: int, batch: int, prompt_len: int, decode_tokens: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode seconds per step) at k, on random prompts, after one warm-up."""
+    from moe.model import KVCache
+
+    generator = torch.Generator().manual_seed(k)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=generator)
+    prefill, decode = [], []
+    for _ in range(2):
+        cache = KVCache(len(model.blocks))
+        start = time.perf_counter()
+        logits = model(prompt, cache=cache)
+        prefill.append(time.perf_counter() - start)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        decode.append((time.perf_counter() - start) / decode_tokens)
+    return batch * prompt_len / prefill[-1], decode[-1]
+
+
+def sweep(path: str, ks: Optional[list[int]] = None, data: Optional[str] = None, batches: int = 16,
+          batch_size: int = 8, decode_tokens: int = 32) -> tuple[list[dict], dict]:
+    """One row per k (see ``COLUMNS``) and facts about the run."""
+    from launch.data import prepare_corpus
+    from launch.evaluate import evaluate, load_model_for_eval
+    from moe import set_active_experts
+
+    model, trained_on = load_model_for_eval(path)
+    num_experts = model.config.moe.num_experts
+    ks = ks or default_ks(num_experts)
+    seq_len = model.config.max_seq_len
+    splits = prepare_corpus(data if data is not None else trained_on.get("path"),
+                            trained_on.get("cache_dir", "runs/cache"),
+                            trained_on.get("val_permille", 50) if data is None else 50)
+    prompt_len = max(1, min(seq_len - decode_tokens, seq_len // 2))
+    rows = []
+    for k in ks:
+        set_active_experts(model, k)
+        result = evaluate(model, splits.val, seq_len, batch_size, batches)
+        prefill, decode_s = _speed(model, k, batch_size, prompt_len, decode_tokens)
+        rows.append({
+            "k": k, "val_loss": result["loss"], "perplexity": result["perplexity"],
+            "prefill_tokens_per_s": prefill, "decode_tokens_per_s": batch_size / decode_s,
+            "decode_ms_per_token": 1e3 * decode_s, "active_parameters": model.num_parameters(active_k=k),
+            "flops_per_token": model.flops_per_token(active_k=k, context=seq_len // 2),
+        })
+    facts = {"model": str(path), "num_experts": num_experts, "val_tokens": result["tokens"], "seq_len": seq_len,
+             "batch_size": batch_size, "prompt_len": prompt_len, "decode_tokens": decode_tokens,
+             "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return rows, facts
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = "| k | val loss | perplexity | prefill tok/s | decode tok/s | decode ms/token | active params | FLOPs/token |"
+    lines = [header, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['k']} | {r['val_loss']:.4f} | {r['perplexity']:.3f} | {r['prefill_tokens_per_s']:,.0f} | "
+                     f"{r['decode_tokens_per_s']:,.0f} | {r['decode_ms_per_token']:.2f} | {r['active_parameters']:,} | "
+                     f"{r['flops_per_token']:,} |")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], facts: dict, out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / f"slim.{name}" for name in ("csv", "md", "json", "png")}
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["md"].write_text(
+        f"# Self-slimming sweep of {facts['model']}\n\n{markdown_table(rows)}\n\n"
+        f"Validation: {facts['val_tokens']:,} tokens in sequences of {facts['seq_len']}. Speed: batch "
+        f"{facts['batch_size']}, prompt {facts['prompt_len']}, {facts['decode_tokens']} decoded tokens with the KV cache, "
+        f"{facts['threads']} threads, torch {facts['torch']}. FLOPs per token at context {facts['seq_len'] // 2}.\n"
+    )
+    paths["json"].write_text(json.dumps({"facts": facts, "rows": rows}, indent=2))
+    ks = [r["k"] for r in rows]
+    fig, (quality, speed) = plt.subplots(1, 2, figsize=(10, 4))
+    quality.plot(ks, [r["val_loss"] for r in rows], marker="o")
+    quality.set(xlabel="active experts k", ylabel="validation loss", title="quality", xscale="log", xticks=ks)
+    quality.set_xticklabels([str(k) for k in ks])
+    speed.plot(ks, [r["decode_tokens_per_s"] for r in rows], marker="o", label="decode")
+    speed.plot(ks, [r["prefill_tokens_per_s"] for r in rows], marker="s", label="prefill")
+    speed.set(xlabel="active experts k", ylabel="tokens/s", title="speed", xscale="log", xticks=ks)
+    speed.set_xticklabels([str(k) for k in ks])
+    speed.legend()
+    fig.tight_layout()
+    fig.savefig(paths["png"], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    from launch.evaluate import load_model_for_eval
+
+    for name in ("batches", "batch_size", "decode_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    model, _ = load_model_for_eval(args.model)  # fails early, with one line, on a bad path
+    ks = parse_ks(args.k, model.config.moe.num_experts)
+    rows, facts = sweep(args.model, ks, args.data, args.batches, args.batch_size, args.decode_tokens)
+    out = Path(args.out) if args.out else Path(args.model) / SWEEP_DIR
+    paths = write_outputs(rows, facts, out)
+    print(markdown_table(rows))
+    for name, path in paths.items():
+        print(f"{name:<5}{path}")
+    if args.budget_ms_per_token is not None or args.budget_flops is not None:
+        k = pick_k(rows, args.budget_ms_per_token, args.budget_flops)
+        print(f"budget: k={k} is the largest measured k within the budget")
+    return 0
+
+
+def load_sweep(model_path: str) -> list[dict]:
+    """The rows ``moe slim`` saved beside a model (for ``moe generate --experts auto``)."""
+    path = Path(model_path) / SWEEP_DIR / "slim.json"
+    if not path.is_file():
+        raise ValueError(f"--experts auto needs a sweep: run `moe slim --model {model_path}` first ({path} is missing)")
+    return json.loads(path.read_text())["rows"]

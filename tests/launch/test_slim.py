@@ -1,0 +1,91 @@
+"""`moe slim`: the sweep writes its table and plot; budgets pick the largest k that fits;
+`moe generate --experts auto` uses the saved sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import moe
+from launch.cli import main
+from launch.slim import default_ks, parse_ks, pick_k
+from moe import ModelConfig, MoEConfig, MoETransformer
+
+ROWS = [  # a given measurement
+    {"k": 1, "decode_ms_per_token": 2.0, "flops_per_token": 100},
+    {"k": 2, "decode_ms_per_token": 3.0, "flops_per_token": 150},
+    {"k": 4, "decode_ms_per_token": 2.9, "flops_per_token": 250},  # faster than k=2: noise happens
+    {"k": 8, "decode_ms_per_token": 6.0, "flops_per_token": 450},
+]
+
+
+def test_budget_picks_the_largest_k_that_fits():
+    assert pick_k(ROWS, budget_ms_per_token=3.0) == 4
+    assert pick_k(ROWS, budget_ms_per_token=2.95) == 4
+    assert pick_k(ROWS, budget_ms_per_token=2.5) == 1
+    assert pick_k(ROWS, budget_ms_per_token=100) == 8
+    assert pick_k(ROWS, budget_flops=249) == 2 and pick_k(ROWS, budget_flops=250) == 4
+    with pytest.raises(ValueError, match="no k fits a budget of 1 decode ms per token: the cheapest, k=1, needs 2"):
+        pick_k(ROWS, budget_ms_per_token=1.0)
+    with pytest.raises(ValueError, match="exactly one budget"):
+        pick_k(ROWS, budget_ms_per_token=1.0, budget_flops=10)
+
+
+def test_ks():
+    assert default_ks(8) == [1, 2, 4, 8] and default_ks(6) == [1, 2, 4, 6] and default_ks(1) == [1]
+    assert parse_ks("4, 1,2", 8) == [1, 2, 4]
+    for bad in ("0,1", "9", "a", ""):
+        with pytest.raises(ValueError, match="--k"):
+            parse_ks(bad, 8)
+
+
+@pytest.fixture
+def exported(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(f"text number {i} " * 200)
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig(num_layers=2, num_heads=2, max_seq_len=32,
+                                       moe=MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=4, top_k=2)))
+    data = {"path": str(corpus), "val_permille": 300, "cache_dir": str(tmp_path / "cache")}
+    return moe.save_pretrained(model, tmp_path / "model", metadata={"data": data}), model
+
+
+def test_slim_sweep_writes_table_and_plot(exported, capsys):
+    path, model = exported
+    args = ["slim", "--model", str(path), "--k", "1,2,4", "--batches", "1", "--batch-size", "2", "--decode-tokens", "2"]
+    assert main([*args, "--budget-flops", str(model.flops_per_token(active_k=2, context=16))]) == 0
+    printed = capsys.readouterr().out
+    out = path / "slim"
+    rows = list(csv.DictReader((out / "slim.csv").open()))
+    assert [int(r["k"]) for r in rows] == [1, 2, 4]
+    assert [int(r["active_parameters"]) for r in rows] == [model.num_parameters(active_k=k) for k in (1, 2, 4)]
+    assert all(float(r["val_loss"]) > 0 and float(r["decode_tokens_per_s"]) > 0 for r in rows)
+    assert (out / "slim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "slim.md").read_text().count("\n| ") == 4  # header + 3 rows after the title
+    assert json.loads((out / "slim.json").read_text())["rows"][2]["k"] == 4
+    assert "budget: k=2 is the largest measured k within the budget" in printed
+    # the same weights at k = E, evaluated directly, give the sweep's loss
+    from launch.evaluate import evaluate_path
+
+    direct = evaluate_path(str(path), k=4, batches=1, batch_size=2)
+    assert float(rows[2]["val_loss"]) == pytest.approx(direct["loss"], rel=1e-6)
+    # generate --experts auto reads the saved sweep
+    flops_k1 = model.flops_per_token(active_k=1, context=16)
+    assert main(["generate", "--model", str(path), "--prompt", "te", "--max-new-tokens", "3",
+                 "--experts", "auto", "--budget-flops", str(flops_k1)]) == 0
+    assert "at k=1 of 4 experts" in capsys.readouterr().out
+
+
+def test_slim_bad_input(exported, tmp_path, capsys):
+    path, _ = exported
+    assert main(["slim", "--model", str(path), "--k", "5"]) == 2
+    assert "every k must be in 1..4" in capsys.readouterr().err
+    assert main(["slim", "--model", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", "--model", str(path), "--prompt", "x", "--experts", "auto", "--budget-flops", "1"]) == 2
+    assert "run `moe slim --model" in capsys.readouterr().err
