@@ -7,6 +7,7 @@
     moe generate --model PATH --prompt TEXT [--experts K|auto]
                                              text from a model at K active experts (KV cache)
     moe slim --model PATH [--k 1,2,4,8]      quality, speed and cost at every k; budgets pick k
+    moe experiment {slimming,balancing}      train, evaluate and tabulate an experiment
     moe demo [--tokens T] [--steps S] ...    route a synthetic token stream through one MoE layer and
                                              print routing statistics
     moe bench layer                          time the MoE layer against deepspeed.moe and dense matmuls
@@ -26,7 +27,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch import bench, demo, evaluate, export, generate, inspect_config, slim, train
+    from launch import bench, demo, evaluate, experiments, export, generate, inspect_config, slim, train
 
     parser = argparse.ArgumentParser(
         prog="moe",
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_parser(commands)
     generate.add_parser(commands)
     slim.add_parser(commands)
+    experiments.add_parser(commands)
     inspect_config.add_parser(commands)
     demo.add_parser(commands)
     bench.add_parser(commands)

@@ -89,3 +89,23 @@ def test_slim_bad_input(exported, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["generate", "--model", str(path), "--prompt", "x", "--experts", "auto", "--budget-flops", "1"]) == 2
     assert "run `moe slim --model" in capsys.readouterr().err
+
+
+def test_experiment_command_trains_exports_and_tabulates(tmp_path, cache, capsys):
+    """`moe experiment slimming`, shrunk to 3 steps on one rank: both runs trained and exported,
+    the table holds each run's loss at k = 1, 2, 4, 8 and equals a direct evaluation."""
+    from launch.evaluate import evaluate_path
+
+    out = tmp_path / "exp"
+    args = ["experiment", "slimming", "--out", str(out), "--nproc", "1", "--batches", "1",
+            "--set", "train.steps=3", "--set", "train.eval_every=0", "--set", "train.log_every=1",
+            "--set", f"data.cache_dir={cache}"]
+    assert main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["k"] for r in rows] == [1, 2, 4, 8]
+    direct = evaluate_path(str(out / "learned_k2" / "export"), k=4, batches=1)["loss"]
+    assert rows[2]["learned_k2_val_loss"] == pytest.approx(direct, rel=1e-6)
+    assert (out / "results.md").read_text().count("\n| ") >= 5
+    # run again: the exports are reused, nothing is retrained
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("not training again") == 2
