@@ -54,10 +54,7 @@ def evaluate(
         count += labels.numel()
         meter.update()
     elapsed = time.perf_counter() - start
-    loads = torch.stack([
-        meter.load[name] if meter.load[name] is not None else torch.zeros(layer.num_experts, dtype=torch.long)
-        for name, layer in layers.items()
-    ]).double()  # [L, E]
+    loads = meter.stacked_load()  # [L, E]
     totals = torch.tensor([float(loss_sum), float(count), float(meter.dropped), float(meter.assignments)], dtype=torch.float64)
     seconds = torch.tensor([elapsed], dtype=torch.float64)
     if world_size > 1:

@@ -392,14 +392,13 @@ def _grad_norm(model: torch.nn.Module, ep_group=None) -> float:
     ``allreduce=False``) summed over the expert-parallel group."""
     from parallel.expert_parallel import is_expert_parameter
 
-    squares = torch.zeros(2, dtype=torch.float64)  # [replicated, expert shards]
+    device = next(model.parameters()).device
+    squares = torch.zeros(2, dtype=torch.float64, device=device)  # [replicated, expert shards], one sync at the end
     for param in model.parameters():
         if param.grad is not None:
-            squares[int(is_expert_parameter(param))] += float(param.grad.detach().float().square().sum())
+            squares[int(is_expert_parameter(param))] += param.grad.detach().float().square().sum()
     if ep_group is not None:
-        expert = squares[1:].to(next(model.parameters()).device)
-        dist.all_reduce(expert, group=ep_group)
-        squares[1] = float(expert)
+        dist.all_reduce(squares[1:], group=ep_group)
     return float(squares.sum().sqrt())
 
 
@@ -419,10 +418,7 @@ def _new_window(device) -> dict:
 def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, max_violation, ep_size=1) -> dict:
     """Reduce the window's loss and load over ranks and record them; returns the progress-bar fields."""
     elapsed = window["seconds"]  # training steps only: validation and checkpoints are not counted
-    loads = torch.stack([
-        meter.load[name] if meter.load[name] is not None else torch.zeros(layer.num_experts, dtype=torch.long)
-        for name, layer in layers.items()
-    ]).double()  # [L, E] assignments per expert in this window, summed below over ranks
+    loads = meter.stacked_load()  # [L, E] assignments per expert in this window, summed below over ranks
     sums = window["sums"].cpu()
     sums[2:] = torch.tensor([window["micro"], meter.dropped, meter.assignments], dtype=torch.float64)
     dist.all_reduce(loads)

@@ -90,6 +90,14 @@ class LoadMeter:
             self.dropped += routing.num_dropped
             self.assignments += routing.indices.numel()
 
+    def stacked_load(self) -> torch.Tensor:
+        """``[L, E]`` float64: each layer's load so far (zeros for a layer not seen yet), ready to be
+        summed over ranks with one all-reduce."""
+        return torch.stack([
+            self.load[name].double() if self.load[name] is not None else torch.zeros(layer.num_experts, dtype=torch.float64)
+            for name, layer in self.layers.items()
+        ])
+
     def summary(self) -> dict:
         per_layer = {name: max_violation(load) for name, load in self.load.items() if load is not None}
         batch = {name: sum(v) / len(v) for name, v in self.batch_max_vio.items() if v}
