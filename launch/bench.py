@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
 import time
 from typing import Callable, Optional
@@ -208,10 +207,9 @@ class _DeepSpeedProcessGroup:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+            from parallel.engine import free_port
+
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
             self.created = True
         return self
 

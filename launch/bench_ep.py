@@ -58,7 +58,7 @@ def run_cli(args: argparse.Namespace) -> int:
     import subprocess
     import tempfile
 
-    from parallel.engine import _free_port
+    from parallel.engine import free_port
 
     if args.steps < 1 or args.warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
@@ -69,7 +69,7 @@ def run_cli(args: argparse.Namespace) -> int:
             env.setdefault("DS_ACCELERATOR", "cpu")
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                   str(_free_port()), "--module", "launch.bench_ep", "--out", str(out),
+                   str(free_port()), "--module", "launch.bench_ep", "--out", str(out),
                    "--steps", str(args.steps), "--warmup", str(args.warmup)]
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0 or not out.exists():

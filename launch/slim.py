@@ -97,13 +97,14 @@ def _speed(model, k: int, batch: int, prompt_len: int, decode_tokens: int) -> tu
 
 
 def sweep(path: str, ks: Optional[list[int]] = None, data: Optional[str] = None, batches: int = 16,
-          batch_size: int = 8, decode_tokens: int = 32) -> tuple[list[dict], dict]:
-    """One row per k (see ``COLUMNS``) and facts about the run."""
+          batch_size: int = 8, decode_tokens: int = 32, loaded=None) -> tuple[list[dict], dict]:
+    """One row per k (see ``COLUMNS``) and facts about the run. ``loaded``: the (model, training
+    data) :func:`launch.evaluate.load_model_for_eval` already returned for ``path``."""
     from launch.data import prepare_corpus
     from launch.evaluate import evaluate, load_model_for_eval
     from moe import set_active_experts
 
-    model, trained_on = load_model_for_eval(path)
+    model, trained_on = loaded if loaded is not None else load_model_for_eval(path)
     num_experts = model.config.moe.num_experts
     ks = ks or default_ks(num_experts)
     seq_len = model.config.max_seq_len
@@ -181,9 +182,9 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batches", "batch_size", "decode_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    model, _ = load_model_for_eval(args.model)  # fails early, with one line, on a bad path
-    ks = parse_ks(args.k, model.config.moe.num_experts)
-    rows, facts = sweep(args.model, ks, args.data, args.batches, args.batch_size, args.decode_tokens)
+    loaded = load_model_for_eval(args.model)  # fails early, with one line, on a bad path
+    ks = parse_ks(args.k, loaded[0].config.moe.num_experts)
+    rows, facts = sweep(args.model, ks, args.data, args.batches, args.batch_size, args.decode_tokens, loaded)
     out = Path(args.out) if args.out else Path(args.model) / SWEEP_DIR
     paths = write_outputs(rows, facts, out)
     print(markdown_table(rows))

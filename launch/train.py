@@ -91,10 +91,10 @@ def run_cli(args: argparse.Namespace) -> int:
         )
     if nproc == 1 and args.master_port is None:
         return train(cfg, resume=args.resume, until_step=args.until_step)
-    from parallel.engine import _free_port
+    from parallel.engine import free_port
 
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(args.master_port or _free_port()), "--module", "launch.train",
+               "--master_port", str(args.master_port or free_port()), "--module", "launch.train",
                "--config", str(args.config)]
     for assignment in _overrides(args):
         command += ["--set", assignment]

@@ -8,18 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from parallel.engine import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
 def rank_env() -> dict:
     return dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-
-
-def free_port() -> int:
-    from parallel.engine import _free_port
-
-    return _free_port()
 
 
 def set_args(assignments) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -12,12 +11,7 @@ import torch.multiprocessing as mp
 import moe
 from moe import MoEConfig, MoELayer
 from moe.balance import updated_expert_bias
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.runs import free_port
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -39,7 +33,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_bias_update_sums_counts_over_ranks(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     total = r0["local"] + r1["local"]
     assert not torch.equal(r0["local"], r1["local"])  # the ranks really routed different tokens

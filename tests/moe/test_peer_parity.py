@@ -9,7 +9,6 @@ gradients and bias updates must agree (fp32 tolerance, or bit-equal for the bias
 from __future__ import annotations
 
 import os
-import socket
 
 # DeepSpeed picks its accelerator when first imported; these tests run on CPU tensors.
 os.environ["DS_ACCELERATOR"] = "cpu"
@@ -25,6 +24,7 @@ from megatron.core.transformer.moe import moe_utils
 
 from moe import GroupedRows, MoEConfig, MoELayer
 from moe.balance import updated_expert_bias
+from tests.runs import free_port
 
 
 # --------------------------------------------------------------------------------------------
@@ -32,18 +32,12 @@ from moe.balance import updated_expert_bias
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def single_process_group():
     """DeepSpeed's MoE expects torch.distributed to be up: a one-rank gloo group if none is."""
     created = False
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         created = True
     yield
     if created and dist.is_initialized():
