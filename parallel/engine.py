@@ -37,6 +37,7 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    skip_shm_allreduce()
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain `python -m launch.train`: a group of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
@@ -46,6 +47,20 @@ def init_distributed() -> tuple[int, int]:
     if device_type() == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
+
+
+def skip_shm_allreduce() -> None:
+    """Keep DeepSpeed's CPU backend from building its shared-memory all-reduce op.
+
+    At communicator start, DeepSpeed JIT-compiles a C++ op (two ~1.5 GB compiler processes) and,
+    when all ranks are local, maps a 69 MB buffer per rank in ``/dev/shm`` that it never unlinks:
+    every launch leaks it, and on a small machine tmpfs fills RAM until compilers and ranks are
+    OOM-killed. The op serves only ``inference_all_reduce``, which training never calls; gloo and
+    NCCL collectives do not touch it. Marking the op incompatible is how DeepSpeed itself skips
+    an op it cannot build."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def use_bf16(precision: str) -> bool:
@@ -115,6 +130,7 @@ def build_engine(model: nn.Module, section: dict, train: Any):
 
     from parallel.expert_parallel import is_expert_parameter
 
+    skip_shm_allreduce()
     config = deepspeed_config(section, train, dist.get_world_size())
     param_groups = parameter_groups(model, train.weight_decay)
     if not any(is_expert_parameter(p) for p in model.parameters()):

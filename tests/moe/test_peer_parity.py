@@ -24,6 +24,7 @@ from megatron.core.transformer.moe import moe_utils
 
 from moe import GroupedRows, MoEConfig, MoELayer
 from moe.balance import updated_expert_bias
+from parallel.engine import skip_shm_allreduce
 from tests.runs import free_port
 
 
@@ -36,6 +37,7 @@ from tests.runs import free_port
 def single_process_group():
     """DeepSpeed's MoE expects torch.distributed to be up: a one-rank gloo group if none is."""
     created = False
+    skip_shm_allreduce()
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         created = True
