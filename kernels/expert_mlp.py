@@ -35,7 +35,8 @@ ACTIVATIONS = ("swiglu", "gelu", "relu")
 EXPERT_BACKENDS = ("torch", "loop")
 
 
-def _activate(activation: str, h1: torch.Tensor, h3):
+def activate(activation: str, h1: torch.Tensor, h3):
+    """The expert activation of `h1 = x @ w1` (SwiGLU: `silu(h1) * h3`, with `h3 = x @ w3`)."""
     if activation == "swiglu":
         return F.silu(h1) * h3
     if activation == "gelu":
@@ -48,7 +49,7 @@ def expert_mlp_reference(x, row_index, row_weight, offsets, w1, w3, w2, activati
     grouped = x.index_select(0, row_index)  # [N, d]
     hidden = grouped_mm(grouped, w1, offsets, backend=backend)  # [N, f]
     h3 = grouped_mm(grouped, w3, offsets, backend=backend) if activation == "swiglu" else None
-    y = grouped_mm(_activate(activation, hidden, h3), w2, offsets, backend=backend)  # [N, d]
+    y = grouped_mm(activate(activation, hidden, h3), w2, offsets, backend=backend)  # [N, d]
     y = y * row_weight.to(y.dtype).unsqueeze(1)
     return torch.zeros_like(x).index_add(0, row_index, y)
 
@@ -113,7 +114,7 @@ class _BlockedExpertMLP(torch.autograd.Function):
                 torch.mm(block[s - bs : t - bs], w1[e], out=h1_all[s:t])
                 if swiglu:
                     torch.mm(block[s - bs : t - bs], w3[e], out=h3_all[s:t])
-            act = _activate(activation, h1_all[bs:bt], None if h3_all is None else h3_all[bs:bt])
+            act = activate(activation, h1_all[bs:bt], None if h3_all is None else h3_all[bs:bt])
             act.mul_(weight[bs:bt])  # [n, f]
             y = block  # reuse the gathered block's memory for the output, [n, d]
             for e, s, t in experts:
@@ -143,7 +144,7 @@ class _BlockedExpertMLP(torch.autograd.Function):
             h1 = h1_all[bs:bt]
             h3 = None if h3_all is None else h3_all[bs:bt]
             silu_h1 = F.silu(h1) if h3 is not None else None
-            act = silu_h1 * h3 if h3 is not None else _activate(activation, h1, None)  # unweighted, [n, f]
+            act = silu_h1 * h3 if h3 is not None else activate(activation, h1, None)  # unweighted, [n, f]
             grad_y = grad_out.index_select(0, rows)  # [n, d]: gradient of the block's weighted output
             grad_act = torch.empty_like(act)  # d loss / d (weight * act)
             for e, s, t in experts:

@@ -55,9 +55,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     layer.add_argument("--shapes", default=DEFAULT_SHAPES, help=f'"d,f,E,k;..." (default "{DEFAULT_SHAPES}")')
     layer.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     layer.set_defaults(func=_run_layer)
-    from launch import bench_ep
+    from launch import bench_ep, bench_quant
 
     bench_ep.add_parser(which)
+    bench_quant.add_parser(which)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
@@ -206,8 +207,10 @@ class _DeepSpeedProcessGroup:
             return self
         import torch.distributed as dist
 
+        from parallel.engine import free_port, skip_shm_allreduce
+
+        skip_shm_allreduce()
         if not dist.is_initialized():
-            from parallel.engine import free_port
 
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
             self.created = True

@@ -7,10 +7,14 @@
     moe generate --model PATH --prompt TEXT [--experts K|auto]
                                              text from a model at K active experts (KV cache)
     moe slim --model PATH [--k 1,2,4,8]      quality, speed and cost at every k; budgets pick k
+    moe quantize --model PATH --out OUT [--method gptq] [--bits 4] [--calib ebss] [--agq] [--compare]
+                                             GPTQ/RTN quantization with EBSS and AGQ, calibrated over Ray
     moe experiment {slimming,balancing}      train, evaluate and tabulate an experiment
     moe demo [--tokens T] [--steps S] ...    route a synthetic token stream through one MoE layer and
                                              print routing statistics
     moe bench layer                          time the MoE layer against deepspeed.moe and dense matmuls
+    moe bench ep                             training step and all-to-all cost at EP=1 and EP=2
+    moe bench quant --model PATH             quantization calibration time with 1 and 2 Ray workers
     moe config CONFIG [--set k=v]            validate a run config, print it and its parameter counts
 
 Errors a user can cause print one line on stderr and exit with status 2.
@@ -27,7 +31,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch import bench, demo, evaluate, experiments, export, generate, inspect_config, slim, train
+    from launch import bench, demo, evaluate, experiments, export, generate, inspect_config, quantize, slim, train
 
     parser = argparse.ArgumentParser(
         prog="moe",
@@ -40,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_parser(commands)
     generate.add_parser(commands)
     slim.add_parser(commands)
+    quantize.add_parser(commands)
     experiments.add_parser(commands)
     inspect_config.add_parser(commands)
     demo.add_parser(commands)

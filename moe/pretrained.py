@@ -28,9 +28,16 @@ def save_pretrained(model: MoETransformer, path: str | os.PathLike, metadata: di
 
     The config records each MoE layer's current k as ``active_experts``; :func:`load_pretrained`
     restores it (``moe.set_active_experts`` changes it at any time)."""
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    return write_export(model, state, path, metadata)
+
+
+def write_export(model: MoETransformer, state: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """The files of :func:`save_pretrained` for ``model``'s config with the tensors ``state``
+    (``moe.quant`` stores packed weights this way)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    state = dict(state)
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as embed.weight
     weights_tmp, config_tmp = out / (WEIGHTS_NAME + ".tmp"), out / (CONFIG_NAME + ".tmp")
@@ -44,7 +51,10 @@ def save_pretrained(model: MoETransformer, path: str | os.PathLike, metadata: di
 
 
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> MoETransformer:
-    """The model exported at ``path`` in eval mode; a path that is not an export is a ``ValueError``."""
+    """The model exported at ``path`` in eval mode; a path that is not an export is a ``ValueError``.
+
+    A quantized export (``moe quantize``) loads the same way: its packed weights are dequantized
+    into an ordinary model, whose ``quantization`` attribute holds the settings it was made with."""
     root = Path(path)
     config_path, weights_path = root / CONFIG_NAME, root / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
@@ -57,6 +67,11 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise ValueError(f"{config_path}: format {meta.get('format')!r} is not {FORMAT!r}")
     model = MoETransformer(ModelConfig.from_dict(meta["model"]))
     state = load_file(str(weights_path), device="cpu")
+    if meta.get("quantization"):  # packed integer weights: dequantized here, once
+        from moe.quant.storage import dequantize_state
+
+        state = dequantize_state(state, meta["quantization"], weights_path)
+        model.quantization = meta["quantization"]
     if model.config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False)

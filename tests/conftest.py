@@ -16,3 +16,23 @@ def _seed_everything():
 def cache(tmp_path_factory):
     """One tokenised-corpus cache for every test that trains (the corpus is tokenised once)."""
     return tmp_path_factory.mktemp("corpus-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, cache):
+    """``configs/tiny.yaml`` trained 80 steps in one process (k has grown to 4 of 8 by then) and
+    exported: a small model whose embeddings, experts and routing have been trained. Read-only for
+    the tests that share it."""
+    import subprocess
+    import sys
+
+    from launch.export import export_checkpoint
+    from tests.runs import TINY, rank_env, set_args
+
+    run = tmp_path_factory.mktemp("tiny-run")
+    sets = set_args([f"out_dir={run}", f"data.cache_dir={cache}", "train.steps=80", "train.eval_every=0",
+                     "train.save_every=80", "train.log_every=20"])
+    result = subprocess.run([sys.executable, "-m", "launch.train", "--config", str(TINY), *sets],
+                            env=rank_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return export_checkpoint(str(run / "checkpoints"), str(run / "export"))
