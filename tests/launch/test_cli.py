@@ -65,3 +65,27 @@ def test_generate_command_continues_the_prompt_at_the_chosen_k(tmp_path, capsys)
     assert "expected an integer in 1..4" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "model"), "--prompt", ""]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
+
+
+def test_gpu_scale_experiments_resolve_to_valid_configs():
+    """`moe experiment NAME --scale gpu`: every run's config validates at the documented size, the
+    runs of one experiment differ only in routing, and SMoE-Dropout's k spans all experts."""
+    import torch
+
+    from launch.config import load_run_config
+    from launch.experiments import EXPERIMENTS, run_overrides
+    from moe import MoETransformer
+
+    for runs in EXPERIMENTS.values():
+        shapes = set()
+        for label, config in runs:
+            cfg = load_run_config(config, run_overrides(label, "gpu", ["train.seed=3"]))
+            m = cfg.model
+            assert (m.num_layers, m.hidden_size, m.moe.num_experts, cfg.train.seq_len, cfg.train.steps) == (12, 768, 16, 1024, 20000)
+            assert cfg.train.seed == 3  # the user's --set wins
+            if label == "smoe_dropout":
+                assert (m.moe.k_min, m.moe.k_max, m.moe.k_schedule_steps) == (2, 16, 20000)
+            with torch.device("meta"):
+                shapes.add(MoETransformer(m).num_parameters() // 10**6)
+        assert len(shapes) <= 2 and min(shapes) >= 368  # learned routers add only E x d per layer
+    assert run_overrides("smoe_dropout", "cpu", ["a=1"]) == ["a=1"]
