@@ -55,9 +55,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     layer.add_argument("--shapes", default=DEFAULT_SHAPES, help=f'"d,f,E,k;..." (default "{DEFAULT_SHAPES}")')
     layer.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     layer.set_defaults(func=_run_layer)
-    from launch import bench_ep, bench_quant
+    from launch import bench_ep, bench_kernels, bench_quant
 
     bench_ep.add_parser(which)
+    bench_kernels.add_parser(which)
     bench_quant.add_parser(which)
 
 

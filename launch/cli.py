@@ -15,6 +15,7 @@
     moe bench layer                          time the MoE layer against deepspeed.moe and dense matmuls
     moe bench ep                             training step and all-to-all cost at EP=1 and EP=2
     moe bench quant --model PATH             quantization calibration time with 1 and 2 Ray workers
+    moe bench kernels                        expert MLP backends vs dense matmuls of equal FLOPs (CUDA, bf16)
     moe config CONFIG [--set k=v]            validate a run config, print it and its parameter counts
 
 Errors a user can cause print one line on stderr and exit with status 2.

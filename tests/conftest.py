@@ -1,8 +1,15 @@
 """Every test starts from the same random state, so a failure always reproduces."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's interpreter on CPU tensors (fp32, tiny shapes). Set before
+    # anything imports triton: the interpreter is chosen when a kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
