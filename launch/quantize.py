@@ -527,7 +527,7 @@ def quantize_model(
     else:
         with ray_session(ray_address, ray_cpus) as ray:  # first: a cluster that cannot be reached leaves nothing behind
             target_dir.mkdir(parents=True, exist_ok=True)
-            job = Progress(target_dir, {**options.key(), "model": str(Path(model_path).resolve())}, overwrite)
+            job = Progress(target_dir, {**options.key(), **_model_identity(model_path)}, overwrite)
             cluster = Cluster(ray)
             input_ids = job.load_calibration()
             if input_ids is None:
@@ -585,6 +585,15 @@ def quantize_model(
     if options.method != "rtn":
         job.finished()
     return QuantizeResult(str(target_dir), options.label, wall, tasks, sigma, resumed, asdict(options))
+
+
+def _model_identity(model_path: str) -> dict:
+    """Which export a partial job belongs to: its path, and the size and time of its weights (a
+    model exported again to the same path is a different model)."""
+    from moe.pretrained import WEIGHTS_NAME
+
+    weights = (Path(model_path) / WEIGHTS_NAME).stat()
+    return {"model": str(Path(model_path).resolve()), "model_bytes": weights.st_size, "model_mtime_ns": weights.st_mtime_ns}
 
 
 def _merge(captured: list[dict]) -> dict:
