@@ -17,6 +17,8 @@ Backends:
 
 - "loop": :func:`expert_mlp_reference`: gather, three :func:`~kernels.grouped_mm` calls, torch
   activations, weighted ``index_add``, all differentiated by autograd. The readable definition.
+- "triton" (the default): on CUDA, the Triton kernels of :mod:`kernels.triton_ops` (gather fused
+  into the first GEMM, weighted scatter into the second's epilogue); elsewhere "torch", silently.
 - "torch": on CPU, :class:`_BlockedExpertMLP`: one expert block at a time, gather -> GEMM ->
   activation -> weight -> GEMM -> scatter-add while the block is in cache, and a hand-written
   backward in the same blocked order (no ``[N, d]`` intermediates are ever materialised, the
@@ -29,10 +31,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.grouped_mm import grouped_mm
+from kernels.grouped_mm import grouped_mm, triton_on_cpu
 
 ACTIVATIONS = ("swiglu", "gelu", "relu")
-EXPERT_BACKENDS = ("torch", "loop")
+EXPERT_BACKENDS = ("triton", "torch", "loop")
 
 
 def activate(activation: str, h1: torch.Tensor, h3):
@@ -175,7 +177,7 @@ class _BlockedExpertMLP(torch.autograd.Function):
         return grad_x, None, grad_row_weight, None, grad_w1, grad_w3, grad_w2, None
 
 
-def expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = "swiglu", backend: str = "torch"):
+def expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = "swiglu", backend: str = "triton"):
     """``out [M, d]``: the weighted expert outputs of the grouped rows, added at their source rows.
 
     Differentiable in ``x``, ``row_weight`` and the three weights on every backend.
@@ -186,6 +188,12 @@ def expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = 
         raise ValueError("expert_mlp: w3 is required for swiglu and must be None otherwise")
     if row_index.shape != row_weight.shape or row_index.dim() != 1:
         raise ValueError(f"expert_mlp: row_index {tuple(row_index.shape)} and row_weight {tuple(row_weight.shape)} must be [N]")
+    if backend == "triton":
+        if x.is_cuda or triton_on_cpu():
+            from kernels.triton_ops import expert_mlp_triton
+
+            return expert_mlp_triton(x, row_index, row_weight, offsets, w1, w3, w2, activation)
+        backend = "torch"
     if backend == "torch" and x.device.type == "cpu":
         return _BlockedExpertMLP.apply(x, row_index, row_weight, offsets, w1, w3, w2, activation)
     if backend in EXPERT_BACKENDS:

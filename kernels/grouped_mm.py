@@ -6,17 +6,27 @@ Notation: N rows (token copies) sorted by expert, K input features, M output fea
 ``offsets[e-1]:offsets[e]`` (``offsets[-1] == 0``). Groups may be empty.
 
 Backends
+    ``"triton"`` on CUDA, this project's Triton kernel (:mod:`kernels.triton_ops`); on any other
+                 device the ``"torch"`` backend, silently.
     ``"torch"``  :func:`torch.nn.functional.grouped_mm` where it supports the inputs (fp32 on CPU with
-                 16-byte aligned rows, bf16 on CUDA), else the per-expert loop. The CPU default.
+                 16-byte aligned rows, bf16 on CUDA), else the per-expert loop.
     ``"loop"``   one ``torch.mm`` per expert: the readable reference every other backend is held to.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("torch", "loop")
+BACKENDS = ("triton", "torch", "loop")
+
+
+def triton_on_cpu() -> bool:
+    """``SLIMMOE_TRITON_ON_CPU=1`` (with ``TRITON_INTERPRET=1``): run the "triton" backend on CPU
+    tensors in Triton's interpreter instead of falling back to "torch" (slow; for debugging)."""
+    return os.environ.get("SLIMMOE_TRITON_ON_CPU") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def offsets_from_counts(tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -59,13 +69,19 @@ def _torch_grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "triton") -> torch.Tensor:
     """``out [N, M]``: each expert's rows of ``x [N, K]`` times that expert's ``w [E, K, M]``.
 
     Differentiable in ``x`` and ``w`` on every backend. Rows past ``offsets[-1]`` are not part of
     any group; callers pass ``offsets[-1] == N``.
     """
     _check(x, w, offsets)
+    if backend == "triton":
+        if x.is_cuda or triton_on_cpu():
+            from kernels.triton_ops import grouped_mm_triton
+
+            return grouped_mm_triton(x, w, offsets)
+        backend = "torch"
     if backend == "torch":
         if _torch_grouped_mm_supported(x, w):
             # Non-contiguous operands (e.g. a transposed weight) are copied by the kernel anyway.

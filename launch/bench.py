@@ -62,20 +62,24 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     bench_quant.add_parser(which)
 
 
-def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+def parse_shapes(text: str, fields: str = "d,f,E,k") -> list[tuple[int, ...]]:
+    """``"d,f,E,k;..."`` (or the ``fields`` given, E and k always third and fourth) -> tuples of
+    positive integers; a ValueError names the bad item."""
+    count = len(fields.split(","))
+    words = {4: "four", 5: "five"}.get(count, str(count))
     shapes = []
     for item in filter(None, (part.strip() for part in text.split(";"))):
         try:
             shape = tuple(int(value) for value in item.split(","))
         except ValueError:
             shape = ()
-        if len(shape) != 4 or min(shape) < 1:
-            raise ValueError(f'--shapes: {item!r} is not "d,f,E,k" with four positive integers')
+        if len(shape) != count or min(shape) < 1:
+            raise ValueError(f'--shapes: {item!r} is not "{fields}" with {words} positive integers')
         if shape[3] > shape[2]:
-            raise ValueError(f"--shapes: {item!r} has k={shape[3]} > E={shape[2]}")
+            raise ValueError(f"--shapes: {item!r} has k={shape[3]} > E={shape[2]} (each token's k experts are distinct)")
         shapes.append(shape)
     if not shapes:
-        raise ValueError("--shapes: no shape given")
+        raise ValueError(f'--shapes: no shape given; expected "{fields};..."')
     return shapes
 
 

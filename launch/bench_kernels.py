@@ -104,20 +104,9 @@ def tflops(flops: float, ms: Optional[float]) -> Optional[float]:
 
 def parse_shapes(text: str) -> list[tuple[int, int, int, int, int]]:
     """``"d,f,E,k,T;..."`` -> [(d, f, E, k, T), ...]; a ValueError names the bad item."""
-    shapes = []
-    for item in filter(None, (part.strip() for part in text.split(";"))):
-        try:
-            shape = tuple(int(value) for value in item.split(","))
-        except ValueError:
-            shape = ()
-        if len(shape) != 5 or min(shape) < 1:
-            raise ValueError(f'--shapes: {item!r} is not "d,f,E,k,T" with five positive integers')
-        if shape[3] > shape[2]:
-            raise ValueError(f"--shapes: {item!r} has k={shape[3]} > E={shape[2]} (each token's k experts are distinct)")
-        shapes.append(shape)
-    if not shapes:
-        raise ValueError('--shapes: no shape given; expected "d,f,E,k,T;..."')
-    return shapes
+    from launch.bench import parse_shapes as parse
+
+    return parse(text, "d,f,E,k,T")
 
 
 def parse_choices(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:

@@ -55,7 +55,9 @@ def sort_by_expert(x: torch.Tensor, routing: Routing, num_experts: int) -> Group
     expert_of_slot = routing.indices.flatten()  # [T*k]
     if routing.kept is not None:  # dropped slots sort past the last expert and are cut off
         expert_of_slot = expert_of_slot.masked_fill(~routing.kept.flatten(), num_experts)
-    order = torch.argsort(expert_of_slot, stable=True)[: int(routing.tokens_per_expert.sum())]  # [N]
+    order = torch.argsort(expert_of_slot, stable=True)  # [T*k]
+    if routing.kept is not None:  # the one data-dependent size, only with capacity dropping
+        order = order[: int(routing.tokens_per_expert.sum())]  # [N]
     return GroupedRows(
         source=x,
         row_index=order // top_k,

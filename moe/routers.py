@@ -67,6 +67,13 @@ class Routing:
         )
 
 
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[num_experts]`` int64 counts of ``expert_ids`` (ids in 0..num_experts-1). Unlike
+    ``torch.bincount`` its shape never depends on the data, so ``torch.compile`` traces it."""
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
+    return counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids, dtype=torch.int64))
+
+
 def random_router_seed(router_seed: int, layer_idx: int) -> int:
     """Seed of layer ``layer_idx``'s fixed random router (distinct per layer)."""
     return router_seed * 1_000_003 + layer_idx
@@ -125,14 +132,14 @@ class TopKRouter(nn.Module):
         if cfg.normalize_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
-        routed = torch.bincount(indices.flatten(), minlength=cfg.num_experts)  # [E]
+        routed = expert_counts(indices.flatten(), cfg.num_experts)  # [E]
         kept = None
         tokens_per_expert = routed
         if cfg.capacity_factor is not None:
             capacity = expert_capacity(x.shape[0], k, cfg.num_experts, cfg.capacity_factor)
             kept = capacity_keep_mask(indices, weights, cfg.num_experts, capacity, cfg.drop_policy)
             weights = weights * kept
-            tokens_per_expert = torch.bincount(indices[kept], minlength=cfg.num_experts)
+            tokens_per_expert = expert_counts(indices.masked_fill(~kept, cfg.num_experts).flatten(), cfg.num_experts + 1)[:-1]
 
         if self.expert_bias is not None and self.training and torch.is_grad_enabled():
             self.pending_tokens += routed

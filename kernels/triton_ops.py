@@ -1,0 +1,308 @@
+"""The Triton expert kernels as differentiable torch operations.
+
+Public API:
+
+- :func:`triton_usable`: whether the Triton path can run on a tensor.
+- :func:`grouped_mm_triton`: ``x [N, K] @ w [E, K, M]`` per expert group (the semantics of
+  :func:`kernels.grouped_mm_loop`), differentiable in ``x`` and ``w``.
+- :func:`expert_mlp_triton`: the expert MLP with the gather fused into the first GEMM and the
+  weighted scatter-add into the second one's epilogue (the semantics of
+  :func:`kernels.expert_mlp_reference`), differentiable in ``x``, ``row_weight``, ``w1``, ``w3``, ``w2``.
+
+Each is registered with ``torch.library`` under ``slimmoe::`` (``custom_op`` + ``register_fake`` +
+``register_autograd``, the backward made of more ``slimmoe::`` ops), so ``torch.compile`` traces a
+layer that uses them without graph breaks (forward and backward). The same forward and backward are
+also available as plain :class:`torch.autograd.Function` classes, :class:`GroupedMM` and
+:class:`ExpertMLP`.
+
+Every op is functional: it returns new tensors and mutates none of its inputs. Triton is imported
+at the first call, never at import time; on CPU the kernels run on the Triton interpreter, which
+needs ``TRITON_INTERPRET=1`` in the environment before that first call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+ACTIVATIONS = ("swiglu", "gelu", "relu")
+
+
+# Whether triton is installed (found without importing it).
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def triton_usable(x: torch.Tensor) -> bool:
+    """Triton is importable and ``x`` is on CUDA, or on CPU with ``TRITON_INTERPRET=1`` set."""
+    if not _TRITON_IMPORTABLE:
+        return False
+    return x.device.type == "cuda" or (x.device.type == "cpu" and _interpreting())
+
+
+def _kernels():
+    import kernels.triton_kernels as triton_kernels  # imports triton: only at the first call
+
+    return triton_kernels
+
+
+def _require_usable(name: str, x: torch.Tensor) -> None:
+    if not triton_usable(x):
+        raise RuntimeError(f"{name}: the Triton path needs triton and a CUDA tensor (or a CPU tensor with "
+                           f"TRITON_INTERPRET=1); got a {x.device.type} tensor")
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    """The placeholder an op returns for an output nobody asked for (custom ops return tensors only)."""
+    return like.new_empty(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped_mm
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("slimmoe::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    _require_usable("slimmoe::grouped_mm", x)
+    if w.dtype != x.dtype:
+        x = x.to(w.dtype)
+    return _kernels().grouped_gemm(x, w, offsets)
+
+
+@_grouped_mm_op.register_fake
+def _(x, w, offsets):
+    return x.new_empty(x.shape[0], w.shape[2], dtype=w.dtype)
+
+
+@torch.library.custom_op("slimmoe::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad_op(x: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``[E, K, M]``: ``x[rows of e]^T @ grad_out[rows of e]``; zeros for experts without rows."""
+    _require_usable("slimmoe::grouped_mm_weight_grad", x)
+    return _kernels().grouped_xty(x, grad_out, offsets)[0]
+
+
+@_grouped_mm_weight_grad_op.register_fake
+def _(x, grad_out, offsets):
+    return x.new_empty(offsets.shape[0], x.shape[1], grad_out.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    x, w, offsets = inputs
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _grouped_mm_backward(ctx, grad_out):
+    x, w, offsets = ctx.saved_tensors
+    grad_out = grad_out.to(w.dtype)
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.slimmoe.grouped_mm(grad_out, w.transpose(1, 2), offsets).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.ops.slimmoe.grouped_mm_weight_grad(x.to(w.dtype), grad_out, offsets)
+    return grad_x, grad_w, None
+
+
+torch.library.register_autograd("slimmoe::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+class GroupedMM(torch.autograd.Function):
+    """:func:`grouped_mm_triton` as an autograd Function (same kernels, same backward)."""
+
+    @staticmethod
+    def forward(ctx, x, w, offsets):
+        ctx.save_for_backward(x, w, offsets)
+        return torch.ops.slimmoe.grouped_mm(x, w, offsets)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _grouped_mm_backward(ctx, grad_out)
+
+
+def _check_grouped_mm(x, w, offsets):
+    if x.dim() != 2 or w.dim() != 3:
+        raise ValueError(f"grouped_mm_triton expects x [N, K] and w [E, K, M]; got x {tuple(x.shape)}, w {tuple(w.shape)}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"grouped_mm_triton: x has K={x.shape[1]} columns but w has K={w.shape[1]} rows per expert")
+    if offsets.dim() != 1 or offsets.shape[0] != w.shape[0] or offsets.dtype != torch.int32:
+        raise ValueError(f"grouped_mm_triton: offsets must be int32 [E={w.shape[0]}], "
+                         f"got {offsets.dtype} {tuple(offsets.shape)}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"grouped_mm_triton: x is {x.dtype} but w is {w.dtype}")
+
+
+def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``out [N, M]``: rows ``offsets[e-1]:offsets[e]`` of ``x [N, K]`` times ``w[e]`` (``w [E, K, M]``).
+
+    One kernel launch for all experts, any group sizes (empty ones included); rows past
+    ``offsets[-1]`` give zeros. Differentiable in ``x`` and ``w``.
+    """
+    _check_grouped_mm(x, w, offsets)
+    _require_usable("grouped_mm_triton", x)
+    return torch.ops.slimmoe.grouped_mm(x, w, offsets)
+
+
+# ---------------------------------------------------------------------------------------------
+# expert_mlp
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("slimmoe::expert_mlp", mutates_args=())
+def _expert_mlp_op(
+    x: torch.Tensor, row_index: torch.Tensor, row_weight: torch.Tensor, offsets: torch.Tensor,
+    w1: torch.Tensor, w3: Optional[torch.Tensor], w2: torch.Tensor, activation: str, save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [M, d], h1 [N, f], h3 [N, f]): h1/h3 are the saved pre-activations (empty unless ``save``;
+    h3 only for SwiGLU)."""
+    _require_usable("slimmoe::expert_mlp", x)
+    k = _kernels()
+    act, h1, h3 = k.gemm_act(x, row_index, offsets, w1, w3, activation, save)  # act [N, f]
+    y = k.grouped_gemm(act, w2, offsets, row_scale=row_weight)  # [N, d], weighted, one row per assignment
+    del act
+    order, segments = k.source_segments(row_index, x.shape[0])
+    out = k.segment_sum(y, order, segments, x.shape[0])
+    return out, (h1 if h1 is not None else _empty(x)), (h3 if h3 is not None else _empty(x))
+
+
+@_expert_mlp_op.register_fake
+def _(x, row_index, row_weight, offsets, w1, w3, w2, activation, save):
+    num_rows, ffn = row_index.shape[0], w1.shape[2]
+    h1 = x.new_empty(num_rows, ffn) if save else _empty(x)
+    h3 = x.new_empty(num_rows, ffn) if save and activation == "swiglu" else _empty(x)
+    return torch.empty_like(x), h1, h3
+
+
+@torch.library.custom_op("slimmoe::expert_mlp_backward", mutates_args=())
+def _expert_mlp_backward_op(
+    grad_out: torch.Tensor, x: torch.Tensor, row_index: torch.Tensor, row_weight: torch.Tensor,
+    offsets: torch.Tensor, w1: torch.Tensor, w3: Optional[torch.Tensor], w2: torch.Tensor,
+    h1: torch.Tensor, h3: torch.Tensor, activation: str, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (x, row_weight, w1, w3, w2); an empty tensor for each one ``needs`` does not ask for."""
+    _require_usable("slimmoe::expert_mlp_backward", x)
+    k = _kernels()
+    need_x, need_rw, need_w1, need_w3, need_w2 = needs
+    swiglu = activation == "swiglu"
+    need_w3 = need_w3 and swiglu
+    grad_out = grad_out.to(x.dtype)
+    dh1, dh3, act_w, drw = k.act_backward_gemm(
+        grad_out, row_index, row_weight, offsets, w2, h1, h3 if swiglu else None, activation,
+        need_dh=need_x or need_w1 or need_w3, need_act_w=need_w2, need_drw=need_rw)
+    grad_w2 = k.grouped_xty(act_w, grad_out, offsets, y_index=row_index)[0] if need_w2 else _empty(w2)
+    del act_w
+    grad_w1, grad_w3 = _empty(w1), _empty(w1)
+    if need_w1 and need_w3:  # one pass over the gathered x for both weight gradients
+        grad_w1, grad_w3 = k.grouped_xty(x, dh1, offsets, x_index=row_index, y2=dh3)
+    elif need_w1:
+        grad_w1 = k.grouped_xty(x, dh1, offsets, x_index=row_index)[0]
+    elif need_w3:
+        grad_w3 = k.grouped_xty(x, dh3, offsets, x_index=row_index)[0]
+    grad_x = _empty(x)
+    if need_x:
+        w1t = w1.transpose(1, 2)
+        w3t = w3.transpose(1, 2) if swiglu else None
+        if swiglu and w3t.stride() != w1t.stride():
+            w1t, w3t = w1t.contiguous(), w3t.contiguous()
+        grad_rows = k.grouped_gemm(dh1, w1t, offsets, a2=dh3, b2=w3t)  # [N, d], one row per assignment
+        order, segments = k.source_segments(row_index, x.shape[0])
+        grad_x = k.segment_sum(grad_rows, order, segments, x.shape[0])
+    grad_rw = drw.to(row_weight.dtype) if need_rw else _empty(row_weight)
+    return grad_x, grad_rw, grad_w1, grad_w3, grad_w2
+
+
+@_expert_mlp_backward_op.register_fake
+def _(grad_out, x, row_index, row_weight, offsets, w1, w3, w2, h1, h3, activation, needs):
+    need_x, need_rw, need_w1, need_w3, need_w2 = needs
+    return (
+        torch.empty_like(x) if need_x else _empty(x),
+        torch.empty_like(row_weight) if need_rw else _empty(row_weight),
+        torch.empty_like(w1) if need_w1 else _empty(w1),
+        torch.empty_like(w1) if need_w3 and activation == "swiglu" else _empty(w1),
+        torch.empty_like(w2) if need_w2 else _empty(w2),
+    )
+
+
+def _expert_mlp_setup(ctx, inputs, output):
+    x, row_index, row_weight, offsets, w1, w3, w2, activation, save = inputs
+    _, h1, h3 = output
+    ctx.activation = activation
+    ctx.saved_activations = save
+    ctx.save_for_backward(x, row_index, row_weight, offsets, w1, w3, w2, h1, h3)
+    ctx.mark_non_differentiable(h1, h3)
+    ctx.set_materialize_grads(False)
+
+
+def _expert_mlp_backward(ctx, grad_out, *_unused_grads):
+    """Gradients for (x, row_index, row_weight, offsets, w1, w3, w2, activation[, save])."""
+    x, row_index, row_weight, offsets, w1, w3, w2, h1, h3 = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[i]) for i in (0, 2, 4, 5, 6)]
+    if grad_out is None or not any(needs):
+        return (None,) * len(ctx.needs_input_grad)
+    if not ctx.saved_activations:
+        raise RuntimeError("slimmoe::expert_mlp was called with save=False, so it cannot be differentiated")
+    grads = torch.ops.slimmoe.expert_mlp_backward(grad_out, x, row_index, row_weight, offsets, w1, w3, w2, h1, h3,
+                                                  ctx.activation, needs)
+    grad_x, grad_rw, grad_w1, grad_w3, grad_w2 = (g if need else None for g, need in zip(grads, needs))
+    return (grad_x, None, grad_rw, None, grad_w1, grad_w3, grad_w2, None, None)[: len(ctx.needs_input_grad)]
+
+
+torch.library.register_autograd("slimmoe::expert_mlp", _expert_mlp_backward, setup_context=_expert_mlp_setup)
+
+
+class ExpertMLP(torch.autograd.Function):
+    """:func:`expert_mlp_triton` as an autograd Function (same kernels, same backward)."""
+
+    @staticmethod
+    def forward(ctx, x, row_index, row_weight, offsets, w1, w3, w2, activation):
+        save = any(ctx.needs_input_grad)
+        out, h1, h3 = torch.ops.slimmoe.expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation, save)
+        ctx.activation = activation
+        ctx.saved_activations = save
+        ctx.save_for_backward(x, row_index, row_weight, offsets, w1, w3, w2, h1, h3)
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _expert_mlp_backward(ctx, grad_out)
+
+
+def _check_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"expert_mlp_triton: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if (w3 is None) == (activation == "swiglu"):
+        raise ValueError("expert_mlp_triton: w3 is required for swiglu and must be None otherwise")
+    if x.dim() != 2 or row_index.dim() != 1 or row_index.shape != row_weight.shape:
+        raise ValueError(f"expert_mlp_triton: expects x [M, d], row_index [N], row_weight [N]; got x {tuple(x.shape)}, "
+                         f"row_index {tuple(row_index.shape)}, row_weight {tuple(row_weight.shape)}")
+    E, d, f = w1.shape
+    if x.shape[1] != d or w2.shape != (E, f, d) or (w3 is not None and w3.shape != w1.shape):
+        raise ValueError(f"expert_mlp_triton: shapes do not fit: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, "
+                         f"w3 {None if w3 is None else tuple(w3.shape)}, w2 {tuple(w2.shape)}")
+    if offsets.dim() != 1 or offsets.shape[0] != E or offsets.dtype != torch.int32:
+        raise ValueError(f"expert_mlp_triton: offsets must be int32 [E={E}], got {offsets.dtype} {tuple(offsets.shape)}")
+    if row_index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"expert_mlp_triton: row_index must be int64 (or int32), got {row_index.dtype}")
+    if any(w is not None and w.dtype != x.dtype for w in (w1, w3, w2)):
+        raise ValueError(f"expert_mlp_triton: x is {x.dtype} but the expert weights are {w1.dtype}")
+
+
+def expert_mlp_triton(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = "swiglu") -> torch.Tensor:
+    """``out [M, d]``: ``out[m] = sum over i with row_index[i] = m of row_weight[i] * expert_i(x[m])``.
+
+    The semantics of :func:`kernels.expert_mlp_reference`: ``x [M, d]``, ``row_index [N]`` (grouped
+    rows sorted by expert), ``row_weight [N]``, ``offsets [E]`` int32, ``w1 [E, d, f]``, ``w3 [E, d, f]``
+    (SwiGLU only, else None), ``w2 [E, f, d]``. Differentiable in ``x``, ``row_weight`` and the
+    weights; the pre-activations are saved only when a gradient can be needed.
+    """
+    _check_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation)
+    _require_usable("expert_mlp_triton", x)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, row_weight, w1, w3, w2))
+    out, _, _ = torch.ops.slimmoe.expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation, save)
+    return out

@@ -1,0 +1,499 @@
+"""Triton kernels (kernels.triton_ops) against the naive per-expert loop: outputs and every gradient.
+
+On CPU the kernels run on Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py when
+there is no CUDA): fp32, tiny odd shapes (d and f not multiples of the 16-wide interpreter tiles),
+up to 16 experts, empty experts, all rows on one expert, k = 1..4, a single token, all three
+activations. The `gpu` tests run the same cases on CUDA in fp32 (IEEE) and bf16, every autotune
+candidate, and torch.compile with Inductor. One CPU test compiles the kernels for sm_90 (no GPU
+needed) to check that they lower, pipeline and fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels import expert_mlp_reference, grouped_mm_loop, offsets_from_counts  # noqa: E402
+from kernels.triton_ops import (  # noqa: E402
+    ExpertMLP,
+    GroupedMM,
+    expert_mlp_triton,
+    grouped_mm_triton,
+    triton_usable,
+)
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+# (device, dtype) settings: the interpreter on CPU in fp32, and CUDA in fp32 (IEEE dots) and bf16.
+SETTINGS = [
+    pytest.param(("cpu", torch.float32), id="cpu-fp32",
+                 marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 for CPU tensors")),
+    pytest.param(("cuda", torch.float32), id="cuda-fp32", marks=gpu),
+    pytest.param(("cuda", torch.bfloat16), id="cuda-bf16", marks=gpu),
+]
+
+
+@pytest.fixture(autouse=True)
+def _default_configs(monkeypatch):
+    """On a GPU, autotuning every shape of every test would take many minutes: tests use the default
+    configs unless they switch autotuning back on (the interpreter always uses its one small config)."""
+    monkeypatch.setenv("SLIMMOE_TRITON_AUTOTUNE", "0")
+
+
+def _assert_close(actual, expected, dtype, what=""):
+    """Relative to the largest entry: fp32 1e-4; fp16 5e-3 and bf16 2e-2 (intermediates are rounded
+    to the input dtype, the reference runs in fp32)."""
+    tol = {torch.float32: 1e-4, torch.float16: 5e-3}.get(dtype, 2e-2)
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped_mm
+# ---------------------------------------------------------------------------------------------
+
+GROUPED_CASES = [
+    pytest.param([5, 0, 7, 3], 24, 40, 0, id="empty-expert"),
+    pytest.param([0, 0, 19, 0], 24, 40, 0, id="all-on-one-expert"),
+    pytest.param([1], 7, 5, 0, id="single-row"),
+    pytest.param([3, 0, 0, 1, 17, 0, 2, 0, 0, 5, 0, 0, 0, 1, 0, 4], 33, 17, 0, id="16-experts"),
+    pytest.param([0, 0, 0], 8, 8, 0, id="no-rows"),
+    pytest.param([4, 3], 9, 6, 3, id="rows-past-last-offset"),
+]
+
+
+def _grouped_case(counts, K, M, extra_rows, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = sum(counts) + extra_rows
+    x = torch.randn(N, K, generator=g).to(device, dtype)
+    w = (torch.randn(len(counts), K, M, generator=g) / K**0.5).to(device, dtype)
+    grad = torch.randn(N, M, generator=g).to(device, dtype)
+    return x, w, offsets_from_counts(torch.tensor(counts)).to(device), grad
+
+
+def _grouped_run(fn, x, w, offsets, grad):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = fn(x, w, offsets)
+    out.backward(grad)
+    return out.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("counts, K, M, extra_rows", GROUPED_CASES)
+def test_grouped_mm_matches_loop(setting, counts, K, M, extra_rows):
+    device, dtype = setting
+    x, w, offsets, grad = _grouped_case(counts, K, M, extra_rows, device, dtype)
+    got = _grouped_run(grouped_mm_triton, x, w, offsets, grad)
+    if x.shape[0] == 0:  # the loop's output has no graph then; ours does, with zero weight gradients
+        assert got[0].shape == (0, M) and got[1].shape == (0, K) and torch.all(got[2] == 0)
+        return
+    want = _grouped_run(grouped_mm_loop, x.float(), w.float(), offsets, grad.float())
+    for name, a, b in zip(("out", "grad x", "grad w"), got, want):
+        assert a.dtype == dtype, name
+        _assert_close(a, b, dtype, name)
+    if extra_rows:  # rows in no group: zero output, zero gradient
+        assert torch.all(got[0][-extra_rows:] == 0) and torch.all(got[1][-extra_rows:] == 0)
+    empty = torch.tensor(counts) == 0
+    assert torch.all(got[2][empty.to(device)] == 0)
+
+
+def test_grouped_mm_autograd_function_matches_custom_op():
+    if not triton_usable(torch.empty(0)):
+        pytest.skip("needs TRITON_INTERPRET=1 for CPU tensors")
+    x, w, offsets, grad = _grouped_case([6, 0, 11], 24, 40, 0, "cpu", torch.float32)
+    via_op = _grouped_run(grouped_mm_triton, x, w, offsets, grad)
+    via_function = _grouped_run(GroupedMM.apply, x, w, offsets, grad)
+    for a, b in zip(via_op, via_function):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# expert_mlp
+# ---------------------------------------------------------------------------------------------
+
+
+def _routing(T, E, k, skew, seed=0):
+    """(row_index [N], row_weight [N], offsets [E]) of a top-k routing of T tokens, rows sorted by expert.
+
+    skew: None (uniform), "one" (every token's first choice is expert 1), "few" (only experts
+    0..k+1 are ever chosen, the rest stay empty).
+    """
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(T, E, generator=g)
+    if skew == "one":
+        scores[:, 1] += 10
+    elif skew == "few":
+        scores[:, k + 2:] -= 10
+    top_scores, top_experts = scores.topk(k, dim=1)  # [T, k]
+    weights = torch.softmax(top_scores, dim=1).flatten()
+    flat_experts = top_experts.flatten()
+    order = torch.argsort(flat_experts, stable=True)
+    counts = torch.bincount(flat_experts, minlength=E)
+    return order // k, weights[order], offsets_from_counts(counts)
+
+
+def _mlp_case(T, E, k, skew, d, f, activation, device, dtype, seed=0):
+    row_index, row_weight, offsets = _routing(T, E, k, skew, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    tensors = dict(
+        x=torch.randn(T, d, generator=g),
+        row_weight=row_weight,
+        w1=torch.randn(E, d, f, generator=g) / d**0.5,
+        w3=torch.randn(E, d, f, generator=g) / d**0.5 if activation == "swiglu" else None,
+        w2=torch.randn(E, f, d, generator=g) / f**0.5,
+    )
+    tensors = {name: (t.to(device, dtype) if t is not None else None) for name, t in tensors.items()}
+    grad = torch.randn(T, d, generator=g).to(device, dtype)
+    return row_index.to(device), offsets.to(device), tensors, grad
+
+
+def _mlp_run(fn, row_index, offsets, tensors, grad, requires=("x", "row_weight", "w1", "w3", "w2")):
+    leaves = {name: (t.clone().requires_grad_(name in requires) if t is not None else None) for name, t in tensors.items()}
+    out = fn(leaves["x"], row_index, leaves["row_weight"], offsets, leaves["w1"], leaves["w3"], leaves["w2"])
+    if out.requires_grad:
+        out.backward(grad)
+    return out.detach(), {name: (t.grad if t is not None else None) for name, t in leaves.items()}
+
+
+def _reference(activation):
+    def run(x, row_index, row_weight, offsets, w1, w3, w2):
+        f32 = [t.float() if t is not None else None for t in (x, row_weight, w1, w3, w2)]
+        x, row_weight, w1, w3, w2 = f32
+        return expert_mlp_reference(x, row_index, row_weight, offsets, w1, w3, w2, activation, backend="loop")
+
+    return run
+
+
+def _fused(activation):
+    return lambda *args: expert_mlp_triton(*args, activation=activation)
+
+
+MLP_CASES = [
+    pytest.param(7, 4, 2, None, 24, 40, id="T7-E4-k2"),
+    pytest.param(9, 16, 4, "few", 24, 40, id="T9-E16-k4-empty-experts"),
+    pytest.param(6, 8, 1, "one", 24, 40, id="T6-E8-k1-all-on-one-expert"),
+    pytest.param(1, 4, 3, None, 24, 40, id="single-token-k3"),
+    pytest.param(20, 3, 3, None, 7, 5, id="T20-E3-k3-multi-tile-tiny-dims"),
+]
+
+
+def _check_mlp(setting, T, E, k, skew, d, f, activation, requires=("x", "row_weight", "w1", "w3", "w2")):
+    device, dtype = setting
+    row_index, offsets, tensors, grad = _mlp_case(T, E, k, skew, d, f, activation, device, dtype)
+    out, grads = _mlp_run(_fused(activation), row_index, offsets, tensors, grad, requires)
+    ref, ref_grads = _mlp_run(_reference(activation), row_index, offsets, tensors, grad, requires)
+    assert out.dtype == dtype
+    _assert_close(out, ref, dtype, "out")
+    for name, want in ref_grads.items():
+        if want is None:
+            assert grads[name] is None, f"grad of {name} should be None"
+        else:
+            assert grads[name].dtype == tensors[name].dtype, name
+            _assert_close(grads[name], want, dtype, f"grad of {name}")
+    return out, grads, offsets
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
+@pytest.mark.parametrize("T, E, k, skew, d, f", MLP_CASES)
+def test_expert_mlp_matches_loop(setting, activation, T, E, k, skew, d, f):
+    out, grads, offsets = _check_mlp(setting, T, E, k, skew, d, f, activation)
+    empty = (torch.diff(offsets, prepend=offsets.new_zeros(1)) == 0)
+    for name in ("w1", "w3", "w2"):
+        if grads[name] is not None:
+            assert torch.all(grads[name][empty] == 0), f"grad of {name} of an empty expert"
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("requires", [("x",), ("row_weight",), ("w1", "w2"), ("w3",), ()], ids=str)
+def test_expert_mlp_computes_only_the_gradients_asked_for(setting, requires):
+    _check_mlp(setting, 7, 4, 2, None, 24, 40, "swiglu", requires)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 for CPU tensors")
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_fp16_on_the_interpreter(activation):
+    """fp16 inputs (the interpreter has no bf16): fp32 accumulation, fp16 outputs and gradients."""
+    _check_mlp(("cpu", torch.float16), 7, 4, 2, None, 24, 40, activation)
+    x, w, offsets, grad = _grouped_case([5, 0, 7, 3], 24, 40, 0, "cpu", torch.float16)
+    got = _grouped_run(grouped_mm_triton, x, w, offsets, grad)
+    want = _grouped_run(grouped_mm_loop, x.float(), w.float(), offsets, grad.float())
+    for name, a, b in zip(("out", "grad x", "grad w"), got, want):
+        assert a.dtype == torch.float16, name
+        _assert_close(a, b, torch.float16, name)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_expert_mlp_source_rows_nobody_reads_get_zeros(setting):
+    device, dtype = setting
+    row_index, offsets, tensors, grad = _mlp_case(5, 4, 2, None, 8, 12, "relu", device, dtype)
+    tensors["x"] = torch.cat([tensors["x"], torch.randn(3, 8).to(device, dtype)])  # rows 5..7: never routed
+    grad = torch.cat([grad, torch.randn(3, 8).to(device, dtype)])
+    out, grads = _mlp_run(_fused("relu"), row_index, offsets, tensors, grad)
+    assert torch.all(out[5:] == 0) and torch.all(grads["x"][5:] == 0)
+
+
+def test_expert_mlp_is_deterministic_and_the_function_matches_the_op():
+    if not triton_usable(torch.empty(0)):
+        pytest.skip("needs TRITON_INTERPRET=1 for CPU tensors")
+    row_index, offsets, tensors, grad = _mlp_case(7, 4, 3, None, 24, 40, "swiglu", "cpu", torch.float32)
+    first = _mlp_run(_fused("swiglu"), row_index, offsets, tensors, grad)
+    second = _mlp_run(_fused("swiglu"), row_index, offsets, tensors, grad)
+    function = _mlp_run(lambda *a: ExpertMLP.apply(*a, "swiglu"), row_index, offsets, tensors, grad)
+    for other in (second, function):
+        assert torch.equal(first[0], other[0])
+        for name, value in first[1].items():
+            assert (value is None and other[1][name] is None) or torch.equal(value, other[1][name]), name
+
+
+def test_inference_saves_no_activations():
+    if not triton_usable(torch.empty(0)):
+        pytest.skip("needs TRITON_INTERPRET=1 for CPU tensors")
+    row_index, offsets, t, _ = _mlp_case(5, 4, 2, None, 8, 12, "swiglu", "cpu", torch.float32)
+    args = (t["x"], row_index, t["row_weight"], offsets, t["w1"], t["w3"], t["w2"])
+    out, h1, h3 = torch.ops.slimmoe.expert_mlp(*args, "swiglu", False)
+    assert h1.numel() == 0 and h3.numel() == 0
+    with torch.no_grad():
+        torch.testing.assert_close(expert_mlp_triton(*args), out, rtol=0, atol=0)
+    _, h1, h3 = torch.ops.slimmoe.expert_mlp(*args, "swiglu", True)
+    assert h1.shape == h3.shape == (row_index.shape[0], 12)
+
+
+def test_bad_arguments_raise_value_errors():
+    row_index, offsets, t, _ = _mlp_case(5, 4, 2, None, 8, 12, "swiglu", "cpu", torch.float32)
+    with pytest.raises(ValueError, match="offsets must be int32"):
+        grouped_mm_triton(t["x"], t["w1"], offsets.long())
+    with pytest.raises(ValueError, match="w3 is required"):
+        expert_mlp_triton(t["x"], row_index, t["row_weight"], offsets, t["w1"], None, t["w2"], "swiglu")
+    with pytest.raises(ValueError, match="unknown activation"):
+        expert_mlp_triton(t["x"], row_index, t["row_weight"], offsets, t["w1"], None, t["w2"], "tanh")
+
+
+def test_triton_usable(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_usable(torch.empty(1))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not triton_usable(torch.empty(1))
+    assert not triton_usable(torch.empty(1, device="meta"))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration and torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and autograd registration agree with the real kernels."""
+    if not triton_usable(torch.empty(0)):
+        pytest.skip("needs TRITON_INTERPRET=1 for CPU tensors")
+    x, w, offsets, _ = _grouped_case([3, 0, 2], 5, 6, 0, "cpu", torch.float32)
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.slimmoe.grouped_mm, (x, w.requires_grad_(), offsets), test_utils=tests)
+    row_index, offsets, t, grad = _mlp_case(4, 3, 2, None, 5, 6, "swiglu", "cpu", torch.float32)
+    args = (t["x"].requires_grad_(), row_index, t["row_weight"], offsets, t["w1"], t["w3"], t["w2"], "swiglu", True)
+    torch.library.opcheck(torch.ops.slimmoe.expert_mlp, args, test_utils=tests)
+
+
+def _layer(x, row_index, row_weight, offsets, w1, w3, w2, w_out, out_offsets):
+    """A small function in the shape of an MoE layer: the fused expert MLP, then a grouped GEMM."""
+    y = expert_mlp_triton(x, row_index, row_weight, offsets, w1, w3, w2, "swiglu")
+    z = grouped_mm_triton(torch.tanh(y), w_out, out_offsets)
+    return (z * z).sum()
+
+
+def _compile_check(device, dtype, backend):
+    row_index, offsets, t, _ = _mlp_case(7, 4, 2, None, 24, 40, "swiglu", device, dtype)
+    w_out = torch.randn(2, 24, 8).to(device, dtype)
+    out_offsets = torch.tensor([3, 7], dtype=torch.int32, device=device)
+    leaves = [t["x"], t["row_weight"], t["w1"], t["w3"], t["w2"], w_out]
+
+    def run(fn):
+        x, rw, w1, w3, w2, wo = args = [v.clone().requires_grad_() for v in leaves]
+        loss = fn(x, row_index, rw, offsets, w1, w3, w2, wo, out_offsets)
+        loss.backward()
+        return [loss.detach()] + [a.grad for a in args]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_layer, fullgraph=True, backend=backend)
+    for got, want in zip(run(compiled), run(_layer)):
+        _assert_close(got, want, dtype)
+
+
+def test_torch_compile_fullgraph_on_the_interpreter():
+    """Dynamo + AOTAutograd trace forward and backward through the slimmoe:: ops without a graph break."""
+    if not triton_usable(torch.empty(0)):
+        pytest.skip("needs TRITON_INTERPRET=1 for CPU tensors")
+    _compile_check("cpu", torch.float32, "aot_eager")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_compile_fullgraph_inductor(dtype):
+    _compile_check("cuda", dtype, "inductor")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: every autotune candidate, larger shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def _every_config():
+    if not CUDA:
+        return [pytest.param(None, None, id="no-gpu", marks=gpu)]
+    import kernels.triton_kernels as tk
+
+    return [pytest.param(name, config, id=f"{name}-{i}", marks=gpu)
+            for name, configs in tk._CONFIGS.items() for i, config in enumerate(configs)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_set, config", _every_config())
+def test_every_autotune_candidate_is_correct(config_set, config):
+    import kernels.triton_kernels as tk
+
+    with tk.force_config(config_set, config):
+        for activation in ("swiglu", "gelu"):
+            _check_mlp(("cuda", torch.bfloat16), 300, 8, 2, "few", 200, 136, activation)
+        x, w, offsets, grad = _grouped_case([130, 0, 70, 1, 99], 200, 136, 0, "cuda", torch.bfloat16)
+        got = _grouped_run(grouped_mm_triton, x, w, offsets, grad)
+        want = _grouped_run(grouped_mm_loop, x.float(), w.float(), offsets, grad.float())
+        for a, b in zip(got, want):
+            _assert_close(a, b, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
+def test_autotuned_bf16_layer_sized_shapes(activation, monkeypatch):
+    monkeypatch.setenv("SLIMMOE_TRITON_AUTOTUNE", "1")
+    _check_mlp(("cuda", torch.bfloat16), 512, 16, 4, None, 256, 384, activation)
+    _check_mlp(("cuda", torch.bfloat16), 256, 8, 2, "one", 128, 200, activation)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiles for sm_90 without a GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def _aot_report() -> dict:
+    """Compile each kernel variant with its default config for sm_90 from layer-sized example
+    arguments, specialised the way the JIT specialises them, and report what the compiler made.
+
+    Run in a fresh process without TRITON_INTERPRET (kernels must be JIT functions, not interpreted).
+    """
+    import re
+    import tempfile
+
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+
+    import kernels.triton_kernels as tk
+
+    type_names = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+    def compile_one(fn, args, config):
+        args = {**args, **config.kwargs}
+        signature, constants, attrs = {}, {}, {}
+        no_spec = set(fn.do_not_specialize or ())
+        for i, param in enumerate(fn.params):
+            value = args[param.name]
+            if param.is_constexpr:
+                signature[param.name], constants[param.name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[param.name] = "*" + type_names[value.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif i in no_spec or param.name in no_spec:
+                signature[param.name] = "i32"
+            else:
+                kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)[:2]
+                if kind == "constexpr":
+                    signature[param.name], constants[param.name] = "constexpr", value
+                else:
+                    signature[param.name] = kind
+                    if spec == "D":
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+        compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+        ttgir = compiled.asm["ttgir"]
+        return dict(regs=int(regs), spill_bytes=int(stack), shared=compiled.metadata.shared,
+                    pipelined="async_copy_global_to_local" in ttgir, wgmma="warp_group_dot" in ttgir)
+
+    def captured(launcher, *args, **kwargs):
+        seen = []
+        real = tk._launch
+        tk._launch = lambda name, config_set, grid, **a: seen.append((name, config_set, a))
+        try:
+            launcher(*args, **kwargs)
+        finally:
+            tk._launch = real
+        return seen[0]
+
+    E, d, f, N, T = 8, 2048, 768, 8192, 4096
+    bf = torch.bfloat16
+    x, g = torch.randn(T, d, dtype=bf), torch.randn(T, d, dtype=bf)
+    row_index, row_weight = torch.randint(0, T, (N,)), torch.rand(N)
+    offsets = torch.cumsum(torch.full((E,), N // E), 0).to(torch.int32)
+    w1, w3, w2 = torch.randn(E, d, f, dtype=bf), torch.randn(E, d, f, dtype=bf), torch.randn(E, f, d, dtype=bf)
+    h = torch.randn(N, f, dtype=bf)
+    variants = {
+        "gemm_act swiglu": captured(tk.gemm_act, x, row_index, offsets, w1, w3, "swiglu", True),
+        "gemm_act gelu": captured(tk.gemm_act, x, row_index, offsets, w1, None, "gelu", True),
+        "grouped_gemm scaled": captured(tk.grouped_gemm, h, w2, offsets, row_scale=row_weight),
+        "grouped_gemm transposed two operands": captured(tk.grouped_gemm, h, w1.transpose(1, 2), offsets, a2=h,
+                                                         b2=w3.transpose(1, 2)),
+        "act_backward swiglu": captured(tk.act_backward_gemm, g, row_index, row_weight, offsets, w2, h, h, "swiglu",
+                                        need_dh=True, need_act_w=True, need_drw=True),
+        "xty gathered two outputs": captured(tk.grouped_xty, x, h, offsets, x_index=row_index, y2=h),
+        "xty gathered y": captured(tk.grouped_xty, h, g, offsets, y_index=row_index),
+    }
+    report = {label: compile_one(tk._KERNELS[name], args, tk.DEFAULT_CONFIG[config_set])
+              for label, (name, config_set, args) in variants.items()}
+    order, segments = tk.source_segments(row_index, T)
+    y = torch.empty(N, d, dtype=bf)
+    segment_args = dict(src_ptr=y, order_ptr=order, seg_ptr=segments, out_ptr=x, D=d, stride_sm=d, stride_om=d)
+    report["segment_sum"] = compile_one(tk._segment_sum_kernel, segment_args,
+                                        triton.Config(dict(BLOCK_D=1024), num_warps=4, num_stages=1))
+    return report
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter accepts things the GPU compiler rejects (and ignores pipelining): compile the
+    default configs for an H100 with the installed triton and check they pipeline and fit."""
+    if CUDA:
+        pytest.skip("a GPU is here: the gpu tests run the kernels for real")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except Exception:
+        pytest.skip("triton has no NVIDIA backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    code = "import json, tests.kernels.test_triton as t; print('AOT' + json.dumps(t._aot_report()))"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("AOT")]
+    assert result.returncode == 0 and lines, result.stderr[-3000:]
+    reports = json.loads(lines[-1][3:])
+    assert reports.pop("segment_sum")["spill_bytes"] == 0
+    for label, report in reports.items():
+        assert report["pipelined"], f"{label}: main loop not software-pipelined: {report}"
+        assert report["wgmma"], f"{label}: no wgmma: {report}"
+        assert report["shared"] <= 227 * 1024, f"{label}: too much shared memory: {report}"
+        assert report["spill_bytes"] <= 64, f"{label}: register spills: {report}"
