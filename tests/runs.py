@@ -15,7 +15,12 @@ TINY = REPO / "configs" / "tiny.yaml"
 
 
 def rank_env() -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    """The environment of launched ranks. Without TRITON_INTERPRET (set for this process by
+    tests/conftest.py): ranks run no Triton kernel, and with it torch 2.13's gloo ranks can abort
+    at exit ("terminate called without an active exception") after finishing their work."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
 
 
 def set_args(assignments) -> list[str]:
