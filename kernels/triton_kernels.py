@@ -14,7 +14,8 @@ Kernels (all accumulate in fp32; inputs bf16, fp16 or fp32; outputs in the input
 - :func:`_act_backward_gemm_kernel`: ``g = grad_out[idx(i)] @ w2[e]^T`` with the activation
   backward, the row-weight gradient and the weighting of the activation fused into the epilogue.
 - :func:`_grouped_xty_kernel`: weight gradients ``X[rows of e]^T @ Y[rows of e]`` per expert, X and/or
-  Y read through a gather index, one or two Y operands; empty experts give zeros.
+  Y read through a gather index, one or two Y operands; empty experts give zeros. Each program takes
+  one row chunk of one expert; :func:`_xty_chunk_reduce_kernel` adds up the chunks of split experts.
 - :func:`_segment_sum_kernel`: the deterministic scatter-add: ``out[m] = sum of src rows i with
   row_index[i] == m``, in increasing ``i``, accumulated in fp32.
 
@@ -23,6 +24,22 @@ schedule from ``offsets`` on the device (``cdiv(count_e, BLOCK_M)`` tiles per gr
 and a search for its own tile), so no host sync and no extra launch are needed; the grid is the
 upper bound ``min(cdiv(N, BLOCK_M) + E, N)`` tiles in M, and programs past the real tile count exit
 at once. Tiles are ordered with the usual ``GROUP_M`` swizzle for L2 reuse of the weight panels.
+
+Weight-gradient row chunks: one program per (expert, output tile) walking all of the expert's rows
+leaves the GPU idle under skewed routing (one expert with most rows has only its few tiles' worth of
+programs). So each expert's rows are split into ``n_e = max(1, count_e // chunk_rows)`` chunks of
+equal size (boundaries rounded down to BLOCK_M within the expert), with ``chunk_rows`` from
+:func:`xty_chunk_rows`: ``max(1024, cdiv(N, E))`` rounded up to 256 rows, raised on a GPU to
+``N * tiles / (8 * SMs)`` when one expert's [K, N] tiles alone fill the GPU many times over (then
+nothing is split). Under uniform routing no expert reaches ``2 * chunk_rows`` rows, so nothing is
+split and nothing extra is done. The chunk schedule is rebuilt from ``offsets`` by every program
+(like the tile schedule) over an upper-bound grid ``(tiles of [K, N], E + max(0, N // chunk_rows - 1))``
+whose extra programs exit. An expert of one chunk (empty experts included: zeros) is stored
+straight into the output; an expert of several stores each chunk's fp32 sum into its own slot of a
+``partial [slots, K, N]`` buffer, and a second kernel sums each such expert's slots in chunk order
+into the output, in the output dtype. Memory: ``slots <= N // chunk_rows <= E``, so the partial
+buffer is at most the weight gradient's element count in fp32 (per output), allocated only when
+``N >= 2 * chunk_rows``. Chunk sizes depend on the shapes only, and there are no atomics.
 
 Scatter-add: the expert outputs are written per assignment (row ``i`` of an ``[N, d]`` buffer, the
 row weight applied in the GEMM epilogue) and then reduced by :func:`segment_sum` in a fixed order.
@@ -319,25 +336,66 @@ def _act_backward_gemm_kernel(
         tl.store(dh1_ptr + base + h_off, dh1.to(out_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["num_experts", "tune_rows"])
+@triton.jit
+def _chunk_schedule(chunk, offsets_ptr, num_experts, chunk_rows, E_PAD: tl.constexpr, ALIGN: tl.constexpr):
+    """(expert, first row, end row, chunks of the expert, partial slot, number of chunks) of row chunk ``chunk``.
+
+    Expert e with ``count_e`` rows has ``n_e = max(1, count_e // chunk_rows)`` chunks (so an empty
+    expert has one, of no rows, and writes zeros). Chunk j of e covers rows
+    ``start_e + align(j * count_e // n_e)`` to ``start_e + align((j + 1) * count_e // n_e)`` (the
+    last one to the expert's end), ``align`` rounding down to a multiple of ALIGN, so the chunks of
+    one expert have equal sizes up to ALIGN rows and are never empty when ``chunk_rows >= ALIGN``.
+    Experts with ``n_e >= 2`` own partial slots, numbered in expert then chunk order: ``slot`` is the
+    chunk's one. ``expert`` is meaningless when ``chunk >= number of chunks``.
+    """
+    e = tl.arange(0, E_PAD)
+    real = e < num_experts
+    ends = tl.load(offsets_ptr + e, mask=real, other=0)
+    starts = tl.load(offsets_ptr + e - 1, mask=real & (e >= 1), other=0)
+    counts = ends - starts
+    chunks = tl.where(real, tl.maximum(counts // chunk_rows, 1), 0)
+    chunk_end = tl.cumsum(chunks, 0)
+    num_chunks = tl.sum(chunks, 0)
+    expert = tl.sum((chunk_end <= chunk).to(tl.int32), 0)
+    here = e == expert
+    n = tl.maximum(tl.sum(tl.where(here, chunks, 0), 0), 1)  # >= 1 even past the last chunk: no division by 0
+    j = chunk - tl.sum(tl.where(here, chunk_end - chunks, 0), 0)
+    slot = tl.sum(tl.where((e < expert) & (chunks >= 2), chunks, 0), 0) + j
+    start = tl.sum(tl.where(here, starts, 0), 0)
+    count = tl.sum(tl.where(here, counts, 0), 0)
+    # j * count can pass 2**31: int64 for the split points (each fits in int32 again).
+    lo = start + ((j.to(tl.int64) * count // n) // ALIGN * ALIGN).to(tl.int32)
+    hi_split = start + (((j + 1).to(tl.int64) * count // n) // ALIGN * ALIGN).to(tl.int32)
+    hi = tl.where(j + 1 < n, hi_split, start + count)
+    return expert, lo, hi, n, slot, num_chunks
+
+
+@triton.jit(do_not_specialize=["num_experts", "chunk_rows", "tune_rows"])
 def _grouped_xty_kernel(
-    x_ptr, x_index_ptr, y_ptr, y2_ptr, y_index_ptr, out_ptr, out2_ptr, offsets_ptr,
-    K, N, num_experts, tune_rows,
+    x_ptr, x_index_ptr, y_ptr, y2_ptr, y_index_ptr, out_ptr, out2_ptr, partial_ptr, partial2_ptr, offsets_ptr,
+    K, N, num_experts, chunk_rows, tune_rows,
     stride_xm, stride_xk, stride_ym, stride_yn, stride_oe, stride_ok, stride_on,
-    X_GATHER: tl.constexpr, Y_GATHER: tl.constexpr, DUAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    X_GATHER: tl.constexpr, Y_GATHER: tl.constexpr, DUAL: tl.constexpr, E_PAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """out[e] = X[rows of e]^T @ Y[rows of e] (and out2[e] with Y2): [K, N] per expert.
+    """X[rows of chunk]^T @ Y[rows of chunk] (and with Y2) for one row chunk of one expert: [K, N].
 
-    Grid (tiles of [K, N], E). Each program walks its expert's contiguous grouped rows in chunks of
-    BLOCK_M (the reduction dimension); an empty expert's tiles are stored as zeros. X rows are
-    x[x_index[i]] with X_GATHER, Y rows y[y_index[i]] with Y_GATHER; y/y2 and out/out2 share strides.
+    Grid (tiles of [K, N], upper bound of the number of row chunks); see :func:`_chunk_schedule` for
+    the chunks. Programs past the real chunk count exit. Each program walks its chunk's contiguous
+    grouped rows BLOCK_M at a time (the reduction dimension). An expert of one chunk (an empty one
+    included: zeros) is stored straight into out[e] in out's dtype; an expert of several chunks
+    stores each chunk's fp32 sum into its slot of ``partial [slots, K, N]`` (contiguous), which
+    :func:`_xty_chunk_reduce_kernel` then adds up in chunk order. X rows are x[x_index[i]] with
+    X_GATHER, Y rows y[y_index[i]] with Y_GATHER; y/y2, out/out2 and partial/partial2 share strides.
     """
     pid = tl.program_id(0)
-    expert = tl.program_id(1)
+    chunk = tl.program_id(1)
+    expert, row_start, row_end, num_expert_chunks, slot, num_chunks = _chunk_schedule(
+        chunk, offsets_ptr, num_experts, chunk_rows, E_PAD, BLOCK_M)
+    if chunk >= num_chunks:
+        return
     pid_k, pid_n = _swizzle(pid, tl.cdiv(K, BLOCK_K), tl.cdiv(N, BLOCK_N), GROUP_M)
-    start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
-    end = tl.load(offsets_ptr + expert)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_mask = ks < K
@@ -345,9 +403,9 @@ def _grouped_xty_kernel(
 
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
+    for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < end
+        row_mask = rows < row_end
         if X_GATHER:
             x_rows = tl.load(x_index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
         else:
@@ -365,11 +423,56 @@ def _grouped_xty_kernel(
             acc2 = tl.dot(xt, tl.load(y2_ptr + y_off, mask=y_mask, other=0.0), acc2,
                           input_precision=INPUT_PRECISION)
 
-    o_off = expert.to(tl.int64) * stride_oe + ks[:, None] * stride_ok + ns[None, :] * stride_on
     o_mask = k_mask[:, None] & n_mask[None, :]
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
-    if DUAL:
-        tl.store(out2_ptr + o_off, acc2.to(out2_ptr.dtype.element_ty), mask=o_mask)
+    if num_expert_chunks >= 2:
+        p_off = slot.to(tl.int64) * K * N + (ks[:, None] * N + ns[None, :])
+        tl.store(partial_ptr + p_off, acc, mask=o_mask)
+        if DUAL:
+            tl.store(partial2_ptr + p_off, acc2, mask=o_mask)
+    else:
+        o_off = expert.to(tl.int64) * stride_oe + ks[:, None] * stride_ok + ns[None, :] * stride_on
+        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        if DUAL:
+            tl.store(out2_ptr + o_off, acc2.to(out2_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit(do_not_specialize=["num_experts", "chunk_rows"])
+def _xty_chunk_reduce_kernel(partial_ptr, partial2_ptr, out_ptr, out2_ptr, offsets_ptr, num_experts, chunk_rows, size,
+                             stride_oe, DUAL: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """out[e] = sum of the partial slots of expert e in chunk order, in fp32, for every expert of >= 2 chunks.
+
+    ``size = K * N``; partial [slots, K * N] and out[e] [K * N] are contiguous (out's experts
+    ``stride_oe`` apart). Grid: column blocks of BLOCK. Each program lists the split experts from
+    ``offsets`` (the slot numbering of :func:`_chunk_schedule`) and loops over those only: experts of
+    one chunk were stored by the GEMM kernel, and without a split expert a program does nothing.
+    """
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < size
+    e = tl.arange(0, E_PAD)
+    real = e < num_experts
+    ends = tl.load(offsets_ptr + e, mask=real, other=0)
+    starts = tl.load(offsets_ptr + e - 1, mask=real & (e >= 1), other=0)
+    split = real & ((ends - starts) // chunk_rows >= 2)
+    slots = tl.where(split, (ends - starts) // chunk_rows, 0)
+    slot_end = tl.cumsum(slots, 0)
+    split_end = tl.cumsum(split.to(tl.int32), 0)
+    num_split = tl.sum(split.to(tl.int32), 0)
+    for i in range(0, num_split):
+        expert = tl.sum((split_end <= i).to(tl.int32), 0)  # the i-th split expert
+        here = e == expert
+        first = tl.sum(tl.where(here, slot_end - slots, 0), 0)
+        last = tl.sum(tl.where(here, slot_end, 0), 0)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
+        for slot in range(first, last):
+            p_off = tl.cast(slot, tl.int64) * size + cols
+            acc += tl.load(partial_ptr + p_off, mask=mask, other=0.0)
+            if DUAL:
+                acc2 += tl.load(partial2_ptr + p_off, mask=mask, other=0.0)
+        o_off = expert.to(tl.int64) * stride_oe + cols
+        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        if DUAL:
+            tl.store(out2_ptr + o_off, acc2.to(out2_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -574,6 +677,61 @@ def _e_pad(num_experts: int) -> int:
     return triton.next_power_of_2(num_experts + 1)
 
 
+# Weight-gradient row chunks (see the module docstring). XTY_CHUNK_ROWS forces a chunk size (tests
+# set it small to get many chunks from a few rows); None picks one with xty_chunk_rows' rule.
+XTY_CHUNK_ROWS = None
+XTY_MIN_CHUNK_ROWS = 1024  # partial fp32 write + read per chunk stays small next to 2 * rows FLOPs per entry
+XTY_CHUNK_ALIGN = 256  # a multiple of every BLOCK_M in the xty configs
+XTY_WAVES = 8  # the longest program should take at most ~1/XTY_WAVES of an evenly spread kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device):
+    """Streaming multiprocessors of a CUDA device; None elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _sm_count_cached(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def xty_chunk_rows(num_rows: int, num_experts: int, K: int, N: int, sm_count=None) -> int:
+    """Rows per weight-gradient chunk: an expert of ``count`` rows is split into ``max(1, count // chunk)``
+    chunks of equal size (up to alignment): an unsplit expert has fewer than ``2 * chunk`` rows, the
+    chunks of a split one between ``chunk`` and ``1.5 * chunk`` rows.
+
+    ``max(XTY_MIN_CHUNK_ROWS, cdiv(num_rows, num_experts))``, and on a GPU at least
+    ``num_rows * tiles / (XTY_WAVES * sm_count)`` with ``tiles`` the [K, N] tiles per expert of the
+    largest config (128 x 256): when one expert's tiles alone fill the GPU several times over, no
+    chunking is needed and none is done. Rounded up to XTY_CHUNK_ALIGN. Under uniform routing an
+    expert has about ``num_rows / num_experts < 2 * chunk`` rows: one chunk, the unsplit kernel.
+    Depends only on the shapes, so results stay bitwise deterministic run to run.
+    """
+    if XTY_CHUNK_ROWS is not None:
+        return int(XTY_CHUNK_ROWS)
+    chunk = max(XTY_MIN_CHUNK_ROWS, triton.cdiv(num_rows, max(1, num_experts)))
+    if sm_count:
+        tiles = triton.cdiv(K, 128) * triton.cdiv(N, 256)
+        chunk = max(chunk, num_rows * tiles // (XTY_WAVES * sm_count))
+    return triton.cdiv(chunk, XTY_CHUNK_ALIGN) * XTY_CHUNK_ALIGN
+
+
+def xty_chunk_bounds(num_rows: int, num_experts: int, chunk_rows: int) -> tuple[int, int]:
+    """(chunks, partial slots): upper bounds, whatever the routing, for ``num_rows`` grouped rows.
+
+    With ``f_e = count_e // chunk_rows`` (``sum f_e <= num_rows // chunk_rows =: q``): chunks
+    ``sum max(1, f_e) = E + sum max(0, f_e - 1) <= E + max(0, q - 1)``; slots (only experts with
+    ``f_e >= 2`` have any) ``<= q``, and none when ``q < 2``. With the default rule
+    ``chunk_rows >= num_rows / E``, so ``q <= E``: the fp32 partial buffer holds at most E slots of
+    [K, N], the element count of the weight gradient itself (twice its bf16 bytes; twice that again
+    for the two-output variant), and is only allocated when some expert could have 2 chunks.
+    """
+    q = num_rows // chunk_rows
+    return num_experts + max(0, q - 1), (q if q >= 2 else 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers (plain functions on tensors; autograd lives in kernels.triton_ops)
 # ---------------------------------------------------------------------------------------------
@@ -696,7 +854,9 @@ def grouped_xty(x, y, offsets, *, x_index=None, y_index=None, y2=None, out_dtype
     """``out [E, K, N]`` (and ``out2`` with ``y2``): ``X[rows of e]^T @ Y[rows of e]`` per expert.
 
     Grouped row i reads ``x[x_index[i]]`` (or ``x[i]``) and ``y[y_index[i]]`` (or ``y[i]``); ``y2``
-    must have ``y``'s strides. Experts without rows get zeros.
+    must have ``y``'s strides. Experts without rows get zeros. Each expert's rows are split into
+    row chunks (:func:`xty_chunk_rows`) computed by separate programs; experts of several chunks go
+    through an fp32 partial buffer and a fixed-order reduction (see the module docstring).
     """
     offsets, x_index, y_index = _vector(offsets), _vector(x_index), _vector(y_index)
     num_experts = offsets.shape[0]
@@ -714,21 +874,46 @@ def grouped_xty(x, y, offsets, *, x_index=None, y_index=None, y2=None, out_dtype
         y2 = y2.to(x.dtype).contiguous()
         y = y.contiguous()
 
+    chunk_rows = xty_chunk_rows(num_rows, num_experts, K, N, _sm_count(x.device))
+    # The chunks are the grid's y axis (at most 65535 on CUDA); only a forced tiny chunk gets near it.
+    chunk_rows = max(chunk_rows, triton.cdiv(num_rows, max(1, 65535 - num_experts)))
+    max_chunks, max_slots = xty_chunk_bounds(num_rows, num_experts, chunk_rows)
+    # Empty (a null pointer, never written) when no expert can be split: the kernel's argument types,
+    # hence its compiled variant and autotune entry, stay the same either way.
+    partial = x.new_empty(max_slots, K, N, dtype=torch.float32)
+    partial2 = x.new_empty(max_slots, K, N, dtype=torch.float32) if y2 is not None else partial
+
     def grid(meta):
-        return (triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]), num_experts)
+        return (triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]), max_chunks)
 
     _launch(
         "xty", "xty_dual" if y2 is not None else "xty", grid,
         x_ptr=x, x_index_ptr=x_index if x_index is not None else offsets, y_ptr=y,
         y2_ptr=y2 if y2 is not None else y, y_index_ptr=y_index if y_index is not None else offsets,
-        out_ptr=out, out2_ptr=out2 if out2 is not None else out, offsets_ptr=offsets,
-        K=K, N=N, num_experts=num_experts, tune_rows=_tune_rows(num_rows, num_experts),
+        out_ptr=out, out2_ptr=out2 if out2 is not None else out,
+        partial_ptr=partial, partial2_ptr=partial2,
+        offsets_ptr=offsets, K=K, N=N, num_experts=num_experts, chunk_rows=chunk_rows,
+        tune_rows=_tune_rows(num_rows, num_experts),
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
         stride_oe=out.stride(0), stride_ok=out.stride(1), stride_on=out.stride(2),
-        X_GATHER=x_index is not None, Y_GATHER=y_index is not None, DUAL=y2 is not None,
+        X_GATHER=x_index is not None, Y_GATHER=y_index is not None, DUAL=y2 is not None, E_PAD=_e_pad(num_experts),
         INPUT_PRECISION=_input_precision(x.dtype),
     )
+    if max_slots:
+        _reduce_chunks(partial, partial2 if y2 is not None else None, out, out2, offsets, chunk_rows)
     return out, out2
+
+
+def _reduce_chunks(partial, partial2, out, out2, offsets, chunk_rows: int) -> None:
+    """Launch :func:`_xty_chunk_reduce_kernel`: the experts of several chunks get the sum of their partials."""
+    num_experts, K, N = out.shape
+    size = K * N
+    block = 64 if interpreting() else 1024
+    kwargs = {} if interpreting() else dict(num_warps=4)
+    _xty_chunk_reduce_kernel[(triton.cdiv(size, block),)](
+        partial, partial2 if partial2 is not None else partial, out, out2 if out2 is not None else out, offsets,
+        num_experts, chunk_rows, size, out.stride(0), DUAL=out2 is not None, E_PAD=_e_pad(num_experts), BLOCK=block,
+        **kwargs)
 
 
 def source_segments(row_index: torch.Tensor, num_sources: int):

@@ -3,13 +3,15 @@
 On CPU the kernels run on Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py when
 there is no CUDA): fp32, tiny odd shapes (d and f not multiples of the 16-wide interpreter tiles),
 up to 16 experts, empty experts, all rows on one expert, k = 1..4, a single token, all three
-activations. The `gpu` tests run the same cases on CUDA in fp32 (IEEE) and bf16, every autotune
+activations; weight gradients split into row chunks (chunk size forced small) under skewed routing,
+bitwise deterministic. The `gpu` tests run the same cases on CUDA in fp32 (IEEE) and bf16, every autotune
 candidate, and torch.compile with Inductor. One CPU test compiles the kernels for sm_90 (no GPU
 needed) to check that they lower, pipeline and fit.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -124,7 +126,8 @@ def _routing(T, E, k, skew, seed=0):
     """(row_index [N], row_weight [N], offsets [E]) of a top-k routing of T tokens, rows sorted by expert.
 
     skew: None (uniform), "one" (every token's first choice is expert 1), "few" (only experts
-    0..k+1 are ever chosen, the rest stay empty).
+    0..k+1 are ever chosen, the rest stay empty), "heavy" (90% of the tokens choose expert 1 first,
+    experts k+3.. stay empty: with k = 1, 90% of the rows on one expert).
     """
     g = torch.Generator().manual_seed(seed)
     scores = torch.rand(T, E, generator=g)
@@ -132,6 +135,9 @@ def _routing(T, E, k, skew, seed=0):
         scores[:, 1] += 10
     elif skew == "few":
         scores[:, k + 2:] -= 10
+    elif skew == "heavy":
+        scores[: T * 9 // 10, 1] += 10
+        scores[:, k + 3:] -= 10
     top_scores, top_experts = scores.topk(k, dim=1)  # [T, k]
     weights = torch.softmax(top_scores, dim=1).flatten()
     flat_experts = top_experts.flatten()
@@ -286,6 +292,185 @@ def test_triton_usable(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Weight gradients in row chunks (skewed routing)
+# ---------------------------------------------------------------------------------------------
+
+
+def _tk():
+    import kernels.triton_kernels as tk  # imports triton: after conftest has set TRITON_INTERPRET
+
+    return tk
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Weight-gradient row chunks of 16 rows (the interpreter's BLOCK_M), so that a few dozen rows
+    make several chunks per expert. Yields the list of chunk reductions launched."""
+    tk = _tk()
+    monkeypatch.setattr(tk, "XTY_CHUNK_ROWS", 16)
+    reductions = []
+    real = tk._reduce_chunks
+
+    def spy(*args):
+        reductions.append(args)
+        real(*args)
+
+    monkeypatch.setattr(tk, "_reduce_chunks", spy)
+    return reductions
+
+
+_chunk_schedule = None  # kernels.triton_kernels._chunk_schedule, once _schedule_probe ran
+
+
+@functools.lru_cache(maxsize=None)
+def _schedule_probe():
+    """A kernel that writes what kernels.triton_kernels._chunk_schedule gives each program."""
+    import triton
+    import triton.language as tl
+
+    global _chunk_schedule
+    _chunk_schedule = _tk()._chunk_schedule  # a global: the interpreter does not see closures
+
+    @triton.jit
+    def probe(offsets_ptr, out_ptr, num_experts, chunk_rows, E_PAD: tl.constexpr, ALIGN: tl.constexpr):
+        c = tl.program_id(0)
+        expert, lo, hi, n, slot, total = _chunk_schedule(c, offsets_ptr, num_experts, chunk_rows, E_PAD, ALIGN)
+        row = out_ptr + c * 6
+        tl.store(row, expert)
+        tl.store(row + 1, lo)
+        tl.store(row + 2, hi)
+        tl.store(row + 3, n)
+        tl.store(row + 4, slot)
+        tl.store(row + 5, total)
+
+    return probe
+
+
+SCHEDULE_CASES = [
+    pytest.param([0, 90, 0, 5, 33, 0], 16, 16, id="skewed-16"),
+    pytest.param([0, 90, 0, 5, 33, 0], 24, 16, id="skewed-24-unaligned"),
+    pytest.param([0, 0, 200, 0], 32, 16, id="all-on-one-expert"),
+    pytest.param([31, 32, 47, 48, 64, 0, 1], 16, 16, id="chunk-count-edges"),
+    pytest.param([0, 0, 0], 16, 16, id="no-rows"),
+    pytest.param([5, 3, 9], 64, 16, id="nothing-split"),
+    pytest.param([1000, 3], 100, 64, id="align-64"),
+]
+
+
+@pytest.mark.parametrize("counts, chunk_rows, align", SCHEDULE_CASES)
+def test_chunk_schedule_partitions_each_expert(counts, chunk_rows, align):
+    """The device-side chunk schedule: max(1, count // chunk_rows) non-empty chunks per expert, in
+    order, covering its rows exactly; partial slots numbered 0.. in expert then chunk order for the
+    experts of several chunks; totals within the host's upper bounds (the grid and buffer sizes)."""
+    if INTERPRET:
+        device = "cpu"
+    elif CUDA:
+        device = "cuda"
+    else:
+        pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
+    tk = _tk()
+    offsets = offsets_from_counts(torch.tensor(counts)).to(device)
+    max_chunks, max_slots = tk.xty_chunk_bounds(sum(counts), len(counts), chunk_rows)
+    grid = max_chunks + 3  # programs past the last chunk must see it
+    out = torch.full((grid, 6), -1, dtype=torch.int32, device=device)
+    _schedule_probe()[(grid,)](offsets, out, len(counts), chunk_rows, E_PAD=tk._e_pad(len(counts)), ALIGN=align)
+    out = out.cpu().tolist()
+    chunks = [max(1, c // chunk_rows) for c in counts]
+    assert all(row[5] == sum(chunks) for row in out)
+    assert sum(chunks) <= max_chunks
+    c, slot, start = 0, 0, 0
+    for e, count in enumerate(counts):
+        row_at = start
+        for j in range(chunks[e]):
+            expert, lo, hi, n, got_slot, _ = out[c]
+            assert (expert, n, lo) == (e, chunks[e], row_at), (e, j, out[c])
+            assert lo < hi or count == 0, f"expert {e} chunk {j} is empty: {out[c]}"
+            assert (lo - start) % align == 0
+            if chunks[e] >= 2:
+                assert got_slot == slot
+                slot += 1
+            row_at = hi
+            c += 1
+        assert row_at == start + count
+        start += count
+    assert slot <= max_slots
+
+
+def test_chunk_rows_rule_and_memory_bound():
+    tk = _tk()
+    for rows, experts in [(1, 1), (100, 8), (8192, 8), (32768, 8), (98304, 64), (12345, 7), (5000, 256)]:
+        for K, N, sms in [(64, 64, None), (512, 1024, 132), (2048, 1408, 132)]:
+            chunk = tk.xty_chunk_rows(rows, experts, K, N, sms)
+            assert chunk % tk.XTY_CHUNK_ALIGN == 0 and chunk >= max(tk.XTY_MIN_CHUNK_ROWS, rows / experts)
+            max_chunks, max_slots = tk.xty_chunk_bounds(rows, experts, chunk)
+            assert max_slots <= experts  # partial buffer <= the weight gradient's element count
+            assert max_chunks <= 2 * experts
+    # One expert's [K, N] tiles already fill 132 SMs many times over (Mixtral-sized): nothing is split.
+    chunk = tk.xty_chunk_rows(32768, 8, 4096, 14336, 132)
+    assert tk.xty_chunk_bounds(32768, 8, chunk) == (8, 0)
+    # Small expert matrices: the heaviest expert is split (chunks of N / E rows).
+    assert tk.xty_chunk_rows(32768, 8, 512, 1024, 132) == 4096
+    # The bounds hold for any routing (exhaustive over small count vectors).
+    import itertools
+
+    for counts in itertools.product([0, 3, 4, 7, 8, 9, 12], repeat=3):
+        rows = sum(counts)
+        for chunk_rows in (1, 2, 3, 4):
+            max_chunks, max_slots = tk.xty_chunk_bounds(rows, 3, chunk_rows)
+            per_expert = [max(1, c // chunk_rows) for c in counts]
+            assert sum(per_expert) <= max_chunks
+            assert sum(n for n in per_expert if n >= 2) <= max_slots
+
+
+SKEWED_GROUPED_CASES = [
+    pytest.param([0, 96, 0, 3, 33, 0], 12, 20, 4, id="73pct-on-one-expert-empty-experts"),
+    pytest.param([0, 0, 64, 0], 9, 6, 0, id="all-on-one-expert"),
+]
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("counts, K, M, extra_rows", SKEWED_GROUPED_CASES)
+def test_grouped_mm_weight_gradient_in_row_chunks(setting, counts, K, M, extra_rows, small_chunks):
+    device, dtype = setting
+    x, w, offsets, grad = _grouped_case(counts, K, M, extra_rows, device, dtype)
+    got = _grouped_run(grouped_mm_triton, x, w, offsets, grad)
+    assert small_chunks, "no expert was split into row chunks"
+    want = _grouped_run(grouped_mm_loop, x.float(), w.float(), offsets, grad.float())
+    for name, a, b in zip(("out", "grad x", "grad w"), got, want):
+        assert a.dtype == dtype, name
+        _assert_close(a, b, dtype, name)
+    empty = torch.tensor(counts) == 0
+    assert torch.all(got[2][empty.to(device)] == 0)
+    again = _grouped_run(grouped_mm_triton, x, w, offsets, grad)
+    for name, a, b in zip(("out", "grad x", "grad w"), got, again):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("T, E, k, activation", [
+    pytest.param(64, 6, 1, "swiglu", id="90pct-on-one-expert-k1-swiglu"),
+    pytest.param(40, 8, 2, "gelu", id="k2-gelu"),
+])
+def test_expert_mlp_weight_gradients_in_row_chunks(setting, T, E, k, activation, small_chunks):
+    """Skewed routing with some experts empty: every output and gradient against the loop, bitwise
+    the same on a second run. SwiGLU takes the two-output path (w1 and w3 in one pass, x gathered),
+    GELU the one-output gathered-x path; both the gathered-y path (w2)."""
+    out, grads, offsets = _check_mlp(setting, T, E, k, "heavy", 12, 20, activation)
+    assert small_chunks, "no expert was split into row chunks"
+    empty = (torch.diff(offsets, prepend=offsets.new_zeros(1)) == 0)
+    assert empty.any()
+    for name in ("w1", "w3", "w2"):
+        if grads[name] is not None:
+            assert torch.all(grads[name][empty] == 0), f"grad of {name} of an empty expert"
+    device, dtype = setting
+    row_index, offsets, tensors, grad = _mlp_case(T, E, k, "heavy", 12, 20, activation, device, dtype)
+    again_out, again = _mlp_run(_fused(activation), row_index, offsets, tensors, grad)
+    assert torch.equal(out, again_out)
+    for name, value in grads.items():
+        assert (value is None and again[name] is None) or torch.equal(value, again[name]), name
+
+
+# ---------------------------------------------------------------------------------------------
 # torch.library registration and torch.compile
 # ---------------------------------------------------------------------------------------------
 
@@ -357,12 +542,16 @@ def _every_config():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config_set, config", _every_config())
-def test_every_autotune_candidate_is_correct(config_set, config):
+def test_every_autotune_candidate_is_correct(config_set, config, monkeypatch):
     import kernels.triton_kernels as tk
 
     with tk.force_config(config_set, config):
         for activation in ("swiglu", "gelu"):
             _check_mlp(("cuda", torch.bfloat16), 300, 8, 2, "few", 200, 136, activation)
+            if config_set in ("xty", "xty_dual"):  # weight gradients in row chunks, 90% of the rows on one expert
+                with monkeypatch.context() as patch:
+                    patch.setattr(tk, "XTY_CHUNK_ROWS", 64)
+                    _check_mlp(("cuda", torch.bfloat16), 300, 8, 1, "heavy", 200, 136, activation)
         x, w, offsets, grad = _grouped_case([130, 0, 70, 1, 99], 200, 136, 0, "cuda", torch.bfloat16)
         got = _grouped_run(grouped_mm_triton, x, w, offsets, grad)
         want = _grouped_run(grouped_mm_loop, x.float(), w.float(), offsets, grad.float())
@@ -437,12 +626,13 @@ def _aot_report() -> dict:
 
     def captured(launcher, *args, **kwargs):
         seen = []
-        real = tk._launch
+        real_launch, real_reduce = tk._launch, tk._reduce_chunks
         tk._launch = lambda name, config_set, grid, **a: seen.append((name, config_set, a))
+        tk._reduce_chunks = lambda *a: None  # nothing to reduce: the GEMM did not run
         try:
             launcher(*args, **kwargs)
         finally:
-            tk._launch = real
+            tk._launch, tk._reduce_chunks = real_launch, real_reduce
         return seen[0]
 
     E, d, f, N, T = 8, 2048, 768, 8192, 4096
@@ -470,6 +660,13 @@ def _aot_report() -> dict:
     segment_args = dict(src_ptr=y, order_ptr=order, seg_ptr=segments, out_ptr=x, D=d, stride_sm=d, stride_om=d)
     report["segment_sum"] = compile_one(tk._segment_sum_kernel, segment_args,
                                         triton.Config(dict(BLOCK_D=1024), num_warps=4, num_stages=1))
+    partial = torch.empty(4, d, f, dtype=torch.float32)
+    out = torch.empty(E, d, f, dtype=bf)
+    reduce_args = dict(partial_ptr=partial, partial2_ptr=partial, out_ptr=out, out2_ptr=out, offsets_ptr=offsets,
+                       num_experts=E, chunk_rows=1024, size=d * f, stride_oe=d * f, DUAL=True,
+                       E_PAD=tk._e_pad(E))
+    report["xty_chunk_reduce"] = compile_one(tk._xty_chunk_reduce_kernel, reduce_args,
+                                             triton.Config(dict(BLOCK=1024), num_warps=4, num_stages=1))
     return report
 
 
@@ -492,6 +689,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert result.returncode == 0 and lines, result.stderr[-3000:]
     reports = json.loads(lines[-1][3:])
     assert reports.pop("segment_sum")["spill_bytes"] == 0
+    assert reports.pop("xty_chunk_reduce")["spill_bytes"] == 0
     for label, report in reports.items():
         assert report["pipelined"], f"{label}: main loop not software-pipelined: {report}"
         assert report["wgmma"], f"{label}: no wgmma: {report}"
