@@ -39,7 +39,7 @@ import signal
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -478,7 +478,6 @@ class QuantizeResult:
     ray_tasks: int
     calibration_sigma: Optional[float]
     resumed_blocks: int = 0
-    settings: dict = field(default_factory=dict)
 
 
 def quantize_model(
@@ -499,7 +498,7 @@ def quantize_model(
     from moe import load_pretrained, set_active_experts
     from moe.pretrained import CONFIG_NAME, WEIGHTS_NAME, write_export
     from moe.quant import rtn
-    from moe.quant.calibrate import all_targets, block_state, stage_targets, target_weight
+    from moe.quant.calibrate import all_targets, block_state, merge_hessians, stage_targets, target_weight
     from moe.quant.storage import QUANT_FORMAT, quantized_state
 
     start = time.perf_counter()
@@ -554,7 +553,7 @@ def quantize_model(
                         captured = _gather(cluster, [
                             cluster.submit("_capture_task", config.to_dict(), layer_idx, block_ref, k, h, stage, options.agq)
                             for h in hidden], f"block {layer_idx} stage {stage} capture", False)
-                        hessians = _merge(captured)
+                        hessians = merge_hessians(captured)
                         refs = [cluster.submit("_solve_task", target_weight(state, t), hessians[t.hessian], spec,
                                                options.block_size, options.percdamp, options.act_order) for t in targets]
                         stage_solved: dict = {}
@@ -584,7 +583,7 @@ def quantize_model(
     write_export(model, tensors, target_dir, {**extra, "quantization": quantization})
     if options.method != "rtn":
         job.finished()
-    return QuantizeResult(str(target_dir), options.label, wall, tasks, sigma, resumed, asdict(options))
+    return QuantizeResult(str(target_dir), options.label, wall, tasks, sigma, resumed)
 
 
 def _model_identity(model_path: str) -> dict:
@@ -594,12 +593,6 @@ def _model_identity(model_path: str) -> dict:
 
     weights = (Path(model_path) / WEIGHTS_NAME).stat()
     return {"model": str(Path(model_path).resolve()), "model_bytes": weights.st_size, "model_mtime_ns": weights.st_mtime_ns}
-
-
-def _merge(captured: list[dict]) -> dict:
-    from moe.quant.calibrate import merge_hessians
-
-    return merge_hessians(captured)
 
 
 def _read_export_meta(model_path: str) -> dict:

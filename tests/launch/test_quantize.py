@@ -84,7 +84,7 @@ def reference_gptq(model, input_ids: torch.Tensor, spec: QuantSpec, agq: bool) -
                 named = {"attn.qkv": block.attn.qkv, "attn.out": block.attn.out, "router": block.ffn.router}
                 for key, module in named.items():
                     hooks.append(module.register_forward_pre_hook(
-                        lambda m, args, key=key, rows=rows: rows[key].append((args[0].reshape(-1, args[0].shape[-1]), None))))
+                        lambda m, args, key=key, rows=rows: rows[key].append(args[0].reshape(-1, args[0].shape[-1]))))
             else:
                 hooks.append(block.ffn.register_forward_pre_hook(lambda m, args, rows=rows: rows["ffn"].append(args[0])))
             model(input_ids)
@@ -93,7 +93,7 @@ def reference_gptq(model, input_ids: torch.Tensor, spec: QuantSpec, agq: bool) -
             hessians = {}
             if stage == 1:
                 for key, parts in rows.items():
-                    x = torch.cat([p for p, _ in parts]).double()
+                    x = torch.cat(parts).double()
                     hessians[key] = x.T @ x
             else:
                 x = torch.cat([p.reshape(-1, p.shape[-1]) for p in rows["ffn"]]).double()  # [T, d]
@@ -118,7 +118,6 @@ def test_pipeline_matches_a_reference_without_ray(reference, tiny_export):
     quantizes like the whole-model reference: the same weights up to rare rounding ties."""
     result, out = reference
     assert result.ray_tasks > 0 and result.label == "GPTQ + AGQ"
-    calibration = None
     expected = moe.load_pretrained(tiny_export)
     moe.set_active_experts(expected, 2)
     from launch.quantize import make_calibration
@@ -205,9 +204,7 @@ def test_a_killed_worker_is_retried_and_the_result_is_unchanged(reference, tiny_
     result = _quantize_cli("--model", str(tiny_export), "--out", str(tmp_path / "q"), "--agq", "--ray-cpus", "2",
                            *SMALL, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert marker.exists()  # a task's worker process really was SIGKILLed
-    killed_pid = int(marker.read_text())
-    assert killed_pid != 0
+    assert marker.exists()  # a task's worker process really was SIGKILLed (it writes the marker, then dies)
     _same_tensors(expected, tmp_path / "q")
 
 
@@ -236,7 +233,7 @@ def test_an_interrupted_job_resumes_after_its_last_finished_block(reference, tin
     _same_tensors(expected, out)
 
 
-def test_other_settings_do_not_resume_a_partial_job(reference, tiny_export, tmp_path):
+def test_other_settings_do_not_resume_a_partial_job(tmp_path):
     from launch.quantize import Progress
 
     Progress(tmp_path, {"bits": 4}, overwrite=False)
