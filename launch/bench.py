@@ -13,7 +13,10 @@ same FLOPs:
 
 The two dense columns are the practical limits. Every backward takes a fixed random gradient, and
 gradients are cleared (untimed) before each call. After 2 warm-up rounds the candidates run
-round-robin, ``--repeats`` rounds, so drift hits all of them alike; each time is the median.
+round-robin, ``--repeats`` rounds, so drift hits all of them alike. Each time is the median over
+the rounds; each ratio is the median of that round's ratios (the two times in a ratio were taken
+seconds apart, so a noisy neighbour slows both), printed with the interquartile range of the
+ours/MLP ratio to show how much the machine moved.
 """
 
 from __future__ import annotations
@@ -37,11 +40,22 @@ COLUMNS = (  # (key, header, definition)
     ("deepspeed_ms", "deepspeed ms", "deepspeed.moe.layer.MoE (dropless, same SwiGLU experts) forward+backward"),
     ("dense_mlp_ms", "dense MLP ms", "dense SwiGLU MLP on T*k rows forward+backward (same FLOPs, no routing)"),
     ("dense_gemm_ms", "dense GEMM ms", "only the dense MLP's 3 forward and 6 backward matmuls (no activation)"),
+    ("expert_gemm_ms", "expert GEMM ms", "the same 9 matmuls per expert, on the layer's own weights and per-expert "
+     "row counts (no routing, gather, activation or scatter)"),
     ("ours_per_dense_mlp", "ours/MLP", "ours ms / dense MLP ms (1.0 = routing costs nothing)"),
+    ("ours_per_dense_mlp_iqr", "ours/MLP IQR", "first and third quartile of ours/MLP over the rounds"),
     ("ours_per_dense_gemm", "ours/GEMM", "ours ms / dense GEMM ms"),
+    ("expert_per_dense_gemm", "xGEMM/GEMM", "expert GEMM ms / dense GEMM ms: the cost of E weight sets, before any routing"),
     ("deepspeed_per_dense_mlp", "ds/MLP", "deepspeed ms / dense MLP ms"),
     ("speedup_vs_deepspeed", "ds/ours", "deepspeed ms / ours ms: our speedup over deepspeed"),
 )
+RATIOS = {  # ratio key: (numerator, denominator), both time keys
+    "ours_per_dense_mlp": ("ours_ms", "dense_mlp_ms"),
+    "ours_per_dense_gemm": ("ours_ms", "dense_gemm_ms"),
+    "expert_per_dense_gemm": ("expert_gemm_ms", "dense_gemm_ms"),
+    "deepspeed_per_dense_mlp": ("deepspeed_ms", "dense_mlp_ms"),
+    "speedup_vs_deepspeed": ("deepspeed_ms", "ours_ms"),
+}
 Step = Callable[[], float]
 
 
@@ -51,7 +65,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     which.required = True
     layer = which.add_parser("layer", help="MoE layer vs deepspeed.moe vs dense matmuls of equal FLOPs (CPU, fp32)")
     layer.add_argument("--tokens", type=int, default=4096, help="tokens T per forward (default 4096)")
-    layer.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
+    layer.add_argument("--repeats", type=int, default=11, help="timed rounds; medians are reported (default 11)")
     layer.add_argument("--shapes", default=DEFAULT_SHAPES, help=f'"d,f,E,k;..." (default "{DEFAULT_SHAPES}")')
     layer.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     layer.set_defaults(func=_run_layer)
@@ -124,6 +138,34 @@ def _dense_gemm_step(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: to
     return _timed(run, [])
 
 
+def _expert_gemm_step(x: torch.Tensor, ours, grad: torch.Tensor) -> Step:
+    """The matmuls of ``_dense_gemm_step`` once per expert, on contiguous rows in the counts the
+    layer's router gives ``x`` and on the layer's own [E, ...] weights: what any dispatch design
+    has to pay on this machine for E weight sets instead of one."""
+    experts = ours.experts
+    w1, w3, w2 = (w.detach() for w in (experts.w1, experts.w3, experts.w2))
+    with torch.no_grad():
+        counts = ours.router(x.detach(), ours.active_experts).tokens_per_expert.tolist()
+    rows = torch.randn(sum(counts), x.shape[1]).split(counts)
+    grads = torch.randn(sum(counts), x.shape[1]).split(counts)
+
+    @torch.no_grad()
+    def run() -> None:
+        grad_w1, grad_w3, grad_w2 = torch.empty_like(w1), torch.empty_like(w3), torch.empty_like(w2)
+        for e, (x_e, grad_e) in enumerate(zip(rows, grads)):
+            if not counts[e]:
+                continue
+            hidden = x_e @ w1[e]
+            _ = (x_e @ w3[e], hidden @ w2[e])  # forward
+            grad_hidden = grad_e @ w2[e].t()
+            torch.mm(hidden.t(), grad_e, out=grad_w2[e])
+            torch.mm(x_e.t(), grad_hidden, out=grad_w1[e])
+            torch.mm(x_e.t(), grad_hidden, out=grad_w3[e])
+            _ = torch.addmm(grad_hidden @ w1[e].t(), grad_hidden, w3[e].t())  # input gradient
+
+    return _timed(run, [])
+
+
 def _deepspeed_step(ours, k: int, x: torch.Tensor, grad: torch.Tensor) -> Step:
     """DeepSpeed's layer with our router and expert weights copied in, so both route every token
     the same way (its dropless mode pads each expert to the busiest one's load, so the routing
@@ -167,32 +209,45 @@ def _bench_shape(
             deepspeed_error = f"{type(err).__name__}: {err}".splitlines()[0]
     steps["dense_mlp_ms"] = _dense_mlp_step(x_rep, w1, w3, w2, grad_rep)
     steps["dense_gemm_ms"] = _dense_gemm_step(x_rep, w1, w3, w2, grad_rep)
+    steps["expert_gemm_ms"] = _expert_gemm_step(x, ours, grad)
 
-    ms = _median_ms_round_robin(steps, repeats)
-    ours, ds, mlp, gemm = ms["ours_ms"], ms.get("deepspeed_ms"), ms["dense_mlp_ms"], ms["dense_gemm_ms"]
+    times = _round_robin_ms(steps, repeats)
+    has_ds = "deepspeed_ms" in times
     return {
         "shape": {"d": d, "f": f, "E": experts, "k": k},
-        "ours_ms": ours,
-        "deepspeed_ms": ds,
-        "dense_mlp_ms": mlp,
-        "dense_gemm_ms": gemm,
-        "ours_per_dense_mlp": ours / mlp,
-        "ours_per_dense_gemm": ours / gemm,
-        "deepspeed_per_dense_mlp": None if ds is None else ds / mlp,
-        "speedup_vs_deepspeed": None if ds is None else ds / ours,
+        **{name: statistics.median(values) for name, values in times.items()},
+        **({} if has_ds else {"deepspeed_ms": None}),
+        **{key: (_paired_median(times, num, den) if num in times and den in times else None)
+           for key, (num, den) in RATIOS.items()},
+        "ours_per_dense_mlp_iqr": _quartiles([o / m for o, m in zip(times["ours_ms"], times["dense_mlp_ms"])]),
+        "rounds_ms": times,
         "deepspeed_error": deepspeed_error,
     }
 
 
-def _median_ms_round_robin(steps: dict[str, Step], repeats: int) -> dict[str, float]:
-    """Median milliseconds of each step over ``repeats`` rounds, each round running every step once."""
+def _round_robin_ms(steps: dict[str, Step], repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of each step in each of ``repeats`` rounds (after the warm-up), every round
+    running every step once."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(WARMUP + repeats):
         for name, step in steps.items():
             elapsed = step()
             if round_ >= WARMUP:
-                times[name].append(elapsed)
-    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+                times[name].append(1e3 * elapsed)
+    return times
+
+
+def _paired_median(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of numerator / denominator, both taken in the same round."""
+    return statistics.median(n / d for n, d in zip(times[numerator], times[denominator]))
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    """[first, third] quartile (both the value itself for one round)."""
+    if len(values) == 1:
+        return [values[0], values[0]]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return [q1, q3]
 
 
 class _DeepSpeedProcessGroup:
@@ -239,7 +294,9 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _format(value: Optional[float], ratio: bool) -> str:
+def _format(value, ratio: bool) -> str:
+    if isinstance(value, list):
+        return "-".join(f"{v:.2f}" for v in value)
     return "n/a" if value is None else (f"{value:.2f}x" if ratio else f"{value:.2f}")
 
 
@@ -265,8 +322,8 @@ def _run_layer(args: argparse.Namespace) -> int:
               "tokens": args.tokens, "repeats": args.repeats, "warmup": WARMUP, "dtype": "float32", "device": "cpu"}
     print(f"moe bench layer: torch {header['torch']}, {threads} threads, CPU {header['cpu']}, "
           f"load average {_format(load, ratio=False)} at start")
-    print(f"T={args.tokens} tokens, fp32, SwiGLU, forward+backward; median of {args.repeats} interleaved rounds "
-          f"after {WARMUP} warm-up")
+    print(f"T={args.tokens} tokens, fp32, SwiGLU, forward+backward; {args.repeats} interleaved rounds after "
+          f"{WARMUP} warm-up: times are medians, ratios medians of the per-round ratios")
     for _, header_text, definition in COLUMNS:
         print(f"  {header_text:<14} {definition}")
     try:

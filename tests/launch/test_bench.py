@@ -5,18 +5,25 @@ import math
 
 from launch.cli import main
 
-TIME_KEYS = ("ours_ms", "deepspeed_ms", "dense_mlp_ms", "dense_gemm_ms")
+TIME_KEYS = ("ours_ms", "deepspeed_ms", "dense_mlp_ms", "dense_gemm_ms", "expert_gemm_ms")
 RATIOS = {  # ratio key: (numerator, denominator)
     "ours_per_dense_mlp": ("ours_ms", "dense_mlp_ms"),
     "ours_per_dense_gemm": ("ours_ms", "dense_gemm_ms"),
+    "expert_per_dense_gemm": ("expert_gemm_ms", "dense_gemm_ms"),
     "deepspeed_per_dense_mlp": ("deepspeed_ms", "dense_mlp_ms"),
     "speedup_vs_deepspeed": ("deepspeed_ms", "ours_ms"),
 }
 
 
+def _median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def test_bench_layer_writes_consistent_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    argv = ["bench", "layer", "--tokens", "64", "--shapes", "16,32,4,2", "--repeats", "1", "--json", str(path)]
+    argv = ["bench", "layer", "--tokens", "64", "--shapes", "16,32,4,2", "--repeats", "4", "--json", str(path)]
     assert main(argv) == 0
     assert "ours/MLP" in capsys.readouterr().out
 
@@ -25,10 +32,15 @@ def test_bench_layer_writes_consistent_json(tmp_path, capsys):
     (row,) = report["results"]
     assert row["shape"] == {"d": 16, "f": 32, "E": 4, "k": 2}
     assert row["deepspeed_error"] is None
+    rounds = row["rounds_ms"]
     for key in TIME_KEYS:
-        assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, key
-    for key, (numerator, denominator) in RATIOS.items():
-        assert abs(row[key] - row[numerator] / row[denominator]) <= 1e-9, key
+        assert len(rounds[key]) == 4 and all(math.isfinite(t) and t > 0 for t in rounds[key]), key
+        assert row[key] == _median(rounds[key]), key
+    for key, (numerator, denominator) in RATIOS.items():  # the median of the per-round ratios
+        assert abs(row[key] - _median([n / d for n, d in zip(rounds[numerator], rounds[denominator])])) <= 1e-12, key
+    per_round = sorted(o / m for o, m in zip(rounds["ours_ms"], rounds["dense_mlp_ms"]))
+    q1, q3 = row["ours_per_dense_mlp_iqr"]
+    assert per_round[0] <= q1 <= row["ours_per_dense_mlp"] <= q3 <= per_round[-1]
 
 
 def test_bench_ep_counts_the_bytes_the_formula_predicts(tmp_path, capsys):
