@@ -56,6 +56,7 @@ RATIOS = {  # ratio key: (numerator, denominator), both time keys
     "deepspeed_per_dense_mlp": ("deepspeed_ms", "dense_mlp_ms"),
     "speedup_vs_deepspeed": ("deepspeed_ms", "ours_ms"),
 }
+TIME_KEYS = tuple(key for key, _, _ in COLUMNS if key.endswith("_ms"))
 Step = Callable[[], float]
 
 
@@ -212,14 +213,13 @@ def _bench_shape(
     steps["expert_gemm_ms"] = _expert_gemm_step(x, ours, grad)
 
     times = _round_robin_ms(steps, repeats)
-    has_ds = "deepspeed_ms" in times
+    ratios = {key: [n / d for n, d in zip(times[num], times[den])]  # per round: both taken seconds apart
+              for key, (num, den) in RATIOS.items() if num in times and den in times}
     return {
         "shape": {"d": d, "f": f, "E": experts, "k": k},
-        **{name: statistics.median(values) for name, values in times.items()},
-        **({} if has_ds else {"deepspeed_ms": None}),
-        **{key: (_paired_median(times, num, den) if num in times and den in times else None)
-           for key, (num, den) in RATIOS.items()},
-        "ours_per_dense_mlp_iqr": _quartiles([o / m for o, m in zip(times["ours_ms"], times["dense_mlp_ms"])]),
+        **{key: statistics.median(times[key]) if key in times else None for key in TIME_KEYS},
+        **{key: statistics.median(ratios[key]) if key in ratios else None for key in RATIOS},
+        "ours_per_dense_mlp_iqr": _quartiles(ratios["ours_per_dense_mlp"]),
         "rounds_ms": times,
         "deepspeed_error": deepspeed_error,
     }
@@ -235,11 +235,6 @@ def _round_robin_ms(steps: dict[str, Step], repeats: int) -> dict[str, list[floa
             if round_ >= WARMUP:
                 times[name].append(1e3 * elapsed)
     return times
-
-
-def _paired_median(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
-    """Median over rounds of numerator / denominator, both taken in the same round."""
-    return statistics.median(n / d for n, d in zip(times[numerator], times[denominator]))
 
 
 def _quartiles(values: list[float]) -> list[float]:

@@ -2,6 +2,7 @@
 
 import json
 import math
+from statistics import median
 
 from launch.cli import main
 
@@ -13,12 +14,6 @@ RATIOS = {  # ratio key: (numerator, denominator)
     "deepspeed_per_dense_mlp": ("deepspeed_ms", "dense_mlp_ms"),
     "speedup_vs_deepspeed": ("deepspeed_ms", "ours_ms"),
 }
-
-
-def _median(values):
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def test_bench_layer_writes_consistent_json(tmp_path, capsys):
@@ -35,9 +30,9 @@ def test_bench_layer_writes_consistent_json(tmp_path, capsys):
     rounds = row["rounds_ms"]
     for key in TIME_KEYS:
         assert len(rounds[key]) == 4 and all(math.isfinite(t) and t > 0 for t in rounds[key]), key
-        assert row[key] == _median(rounds[key]), key
+        assert row[key] == median(rounds[key]), key
     for key, (numerator, denominator) in RATIOS.items():  # the median of the per-round ratios
-        assert abs(row[key] - _median([n / d for n, d in zip(rounds[numerator], rounds[denominator])])) <= 1e-12, key
+        assert abs(row[key] - median([n / d for n, d in zip(rounds[numerator], rounds[denominator])])) <= 1e-12, key
     per_round = sorted(o / m for o, m in zip(rounds["ours_ms"], rounds["dense_mlp_ms"]))
     q1, q3 = row["ours_per_dense_mlp_iqr"]
     assert per_round[0] <= q1 <= row["ours_per_dense_mlp"] <= q3 <= per_round[-1]
