@@ -17,6 +17,13 @@ round-robin, ``--repeats`` rounds, so drift hits all of them alike. Each time is
 the rounds; each ratio is the median of that round's ratios (the two times in a ratio were taken
 seconds apart, so a noisy neighbour slows both), printed with the interquartile range of the
 ours/MLP ratio to show how much the machine moved.
+
+Below the table, the minor page faults of each column per step (median over the rounds): every
+one is a 4 KiB page the kernel maps and zero-fills on first touch. glibc serves allocations of
+32 MiB or more with a fresh ``mmap`` each time (and smaller ones whenever it has handed freed
+heap memory back to the system), so a step that allocates such a buffer (the weight gradient of
+E experts, T*k rows of activations) pays for zeroing it on every call: allocator cost, not
+compute, and this table shows which columns carry it.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import statistics
 import time
 from typing import Callable, Optional
@@ -212,7 +220,7 @@ def _bench_shape(
     steps["dense_gemm_ms"] = _dense_gemm_step(x_rep, w1, w3, w2, grad_rep)
     steps["expert_gemm_ms"] = _expert_gemm_step(x, ours, grad)
 
-    times = _round_robin_ms(steps, repeats)
+    times, faults = _round_robin(steps, repeats)
     ratios = {key: [n / d for n, d in zip(times[num], times[den])]  # per round: both taken seconds apart
               for key, (num, den) in RATIOS.items() if num in times and den in times}
     return {
@@ -220,21 +228,26 @@ def _bench_shape(
         **{key: statistics.median(times[key]) if key in times else None for key in TIME_KEYS},
         **{key: statistics.median(ratios[key]) if key in ratios else None for key in RATIOS},
         "ours_per_dense_mlp_iqr": _quartiles(ratios["ours_per_dense_mlp"]),
+        "page_faults_per_step": {key: statistics.median(values) for key, values in faults.items()},
         "rounds_ms": times,
+        "rounds_page_faults": faults,
         "deepspeed_error": deepspeed_error,
     }
 
 
-def _round_robin_ms(steps: dict[str, Step], repeats: int) -> dict[str, list[float]]:
-    """Milliseconds of each step in each of ``repeats`` rounds (after the warm-up), every round
-    running every step once."""
+def _round_robin(steps: dict[str, Step], repeats: int) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Milliseconds and minor page faults of each step in each of ``repeats`` rounds (after the
+    warm-up), every round running every step once."""
     times: dict[str, list[float]] = {name: [] for name in steps}
+    faults: dict[str, list[int]] = {name: [] for name in steps}
     for round_ in range(WARMUP + repeats):
         for name, step in steps.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             elapsed = step()
             if round_ >= WARMUP:
                 times[name].append(1e3 * elapsed)
-    return times
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return times, faults
 
 
 def _quartiles(values: list[float]) -> list[float]:
@@ -301,6 +314,13 @@ def _print_table(rows: list[dict]) -> None:
     for row in rows:
         cells = [_format(row[key], ratio=not key.endswith("_ms")) for key, _, _ in COLUMNS]
         print(f"{'{d},{f},{E},{k}'.format(**row['shape']):<16}" + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    time_columns = [(key, header.removesuffix(" ms")) for key, header, _ in COLUMNS if key in TIME_KEYS]
+    print("\nminor page faults per step (4 KiB pages zero-filled on first touch; median over the rounds):")
+    print(f"{'d,f,E,k':<16}" + "  ".join(f"{header:>12}" for _, header in time_columns))
+    for row in rows:
+        cells = [row["page_faults_per_step"].get(key) for key, _ in time_columns]
+        print(f"{'{d},{f},{E},{k}'.format(**row['shape']):<16}"
+              + "  ".join(f"{'n/a' if c is None else f'{c:.0f}':>12}" for c in cells))
     for row in rows:
         if row["deepspeed_error"]:
             print(f"deepspeed n/a for {'{d},{f},{E},{k}'.format(**row['shape'])}: {row['deepspeed_error']}")

@@ -20,7 +20,8 @@ def test_bench_layer_writes_consistent_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     argv = ["bench", "layer", "--tokens", "64", "--shapes", "16,32,4,2", "--repeats", "4", "--json", str(path)]
     assert main(argv) == 0
-    assert "ours/MLP" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ours/MLP" in printed and "minor page faults per step" in printed
 
     report = json.loads(path.read_text())
     assert report["tokens"] == 64 and report["threads"] >= 1
@@ -33,6 +34,10 @@ def test_bench_layer_writes_consistent_json(tmp_path, capsys):
         assert row[key] == median(rounds[key]), key
     for key, (numerator, denominator) in RATIOS.items():  # the median of the per-round ratios
         assert abs(row[key] - median([n / d for n, d in zip(rounds[numerator], rounds[denominator])])) <= 1e-12, key
+    for key in TIME_KEYS:  # minor page faults: a count per round, the median reported
+        counts = row["rounds_page_faults"][key]
+        assert len(counts) == 4 and all(isinstance(c, int) and c >= 0 for c in counts), key
+        assert row["page_faults_per_step"][key] == median(counts), key
     per_round = sorted(o / m for o, m in zip(rounds["ours_ms"], rounds["dense_mlp_ms"]))
     q1, q3 = row["ours_per_dense_mlp_iqr"]
     assert per_round[0] <= q1 <= row["ours_per_dense_mlp"] <= q3 <= per_round[-1]
