@@ -3,6 +3,8 @@ and against a per-row loop: outputs and the gradients of x, the row weights and 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,8 +104,6 @@ def test_blocked_path_over_many_blocks_and_any_subset_of_gradients(monkeypatch, 
     """The CPU path over several blocks of different sizes (experts grouped until a block is full, an
     empty expert inside one) with only some leaves requiring gradients: every gradient asked for
     matches the reference, and none is computed for a leaf that did not ask."""
-    import importlib
-
     monkeypatch.setattr(importlib.import_module("kernels.expert_mlp"), "BLOCK_BYTES", 1)  # blocks of >= 256 rows
     counts = [300, 0, 100, 200, 50, 400, 7]  # blocks of 300, 300 and 457 rows
     row_index, offsets, tensors = _case(counts, 6, 5, activation, 500, seed=1)
