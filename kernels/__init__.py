@@ -4,7 +4,7 @@ Imports torch (and, from the Triton issue on, triton) and nothing of ours. The p
 :func:`grouped_mm`, with the semantics of :func:`torch.nn.functional.grouped_mm`.
 """
 
-from kernels.expert_mlp import expert_mlp, expert_mlp_reference
+from kernels.expert_mlp import expert_mlp, expert_mlp_reference, release_gradient_buffers
 from kernels.grouped_mm import BACKENDS, grouped_mm, grouped_mm_loop, offsets_from_counts
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "grouped_mm",
     "grouped_mm_loop",
     "offsets_from_counts",
+    "release_gradient_buffers",
 ]

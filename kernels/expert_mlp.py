@@ -23,13 +23,17 @@ Backends:
   activation -> weight -> GEMM -> scatter-add while the block is in cache, and a hand-written
   backward in the same blocked order (no ``[N, d]`` intermediates are ever materialised, the
   SwiGLU input gradient of both branches accumulates in one ``addmm``, the activation is
-  recomputed rather than saved). On other devices the reference with ``F.grouped_mm``.
+  recomputed rather than saved, each weight gradient written into the storage of the one returned
+  the step before once nothing holds it). On other devices the reference with ``F.grouped_mm``.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from kernels.grouped_mm import grouped_mm, triton_on_cpu
 
@@ -83,9 +87,47 @@ def _blocks(offsets: torch.Tensor, block_rows: int):
         yield block_start, block[-1][2], block
 
 
+# The storage of the last weight gradient the CPU kernel returned, per weight (held weakly: an entry
+# goes with its weight). Once nothing else holds that storage (the optimizer step is done and the
+# gradient was set to None, or it was summed into an existing .grad), the next backward writes into
+# it again instead of allocating: E experts' gradients are large, and glibc serves an allocation of
+# 32 MiB or more with a fresh mmap, so a new buffer every step costs a page fault per 4 KiB page
+# (~100 MB zero-filled per step at d=512, f=1024, E=16). The returned tensor is the only
+# tensor on the storage, so autograd still takes it as .grad without a copy. Holds one gradient's
+# memory per expert weight between steps; release_gradient_buffers() frees it.
+_GRADIENT_BUFFERS = WeakIdKeyDictionary()
+_GRADIENT_BUFFERS_LOCK = threading.Lock()
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # a torch without it: always allocate
+
+
+def release_gradient_buffers() -> None:
+    """Drop the weight-gradient storages the CPU kernel keeps for reuse (their memory is freed once
+    no gradient still uses it)."""
+    with _GRADIENT_BUFFERS_LOCK:
+        _GRADIENT_BUFFERS.clear()
+
+
+def _new_weight_grad(weight: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor like ``weight``: the previous gradient's storage when nothing uses it."""
+    if not weight.is_contiguous() or _storage_use_count is None:
+        return torch.empty_like(weight)
+    with _GRADIENT_BUFFERS_LOCK:
+        storage = _GRADIENT_BUFFERS.get(weight)
+        if (
+            storage is not None
+            and storage.device == weight.device
+            and storage.nbytes() == weight.numel() * weight.element_size()
+            and _storage_use_count(storage._cdata) == 1  # held by this table alone
+        ):
+            return weight.new_empty(0).set_(storage, 0, weight.shape, weight.stride())
+        grad = torch.empty_like(weight)
+        _GRADIENT_BUFFERS[weight] = grad.untyped_storage()
+        return grad
+
+
 def _weight_grad(weight: torch.Tensor, empty_experts: list[int]) -> torch.Tensor:
     """Gradient buffer: left uninitialised where a GEMM will write it, zero for experts without rows."""
-    grad = torch.empty_like(weight)
+    grad = _new_weight_grad(weight)
     for expert in empty_experts:
         grad[expert].zero_()
     return grad

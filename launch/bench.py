@@ -157,10 +157,12 @@ def _expert_gemm_step(x: torch.Tensor, ours, grad: torch.Tensor) -> Step:
         counts = ours.router(x.detach(), ours.active_experts).tokens_per_expert.tolist()
     rows = torch.randn(sum(counts), x.shape[1]).split(counts)
     grads = torch.randn(sum(counts), x.shape[1]).split(counts)
+    # Written in place every step, as the layer reuses its weight-gradient storage: this column
+    # counts the matmuls, not fresh allocations.
+    grad_w1, grad_w3, grad_w2 = torch.empty_like(w1), torch.empty_like(w3), torch.empty_like(w2)
 
     @torch.no_grad()
     def run() -> None:
-        grad_w1, grad_w3, grad_w2 = torch.empty_like(w1), torch.empty_like(w3), torch.empty_like(w2)
         for e, (x_e, grad_e) in enumerate(zip(rows, grads)):
             if not counts[e]:
                 continue

@@ -124,3 +124,60 @@ def test_blocked_path_over_many_blocks_and_any_subset_of_gradients(monkeypatch, 
             torch.testing.assert_close(fused_grads[name], value, atol=1e-5, rtol=1e-5, msg=f"grad of {name}")
         else:
             assert fused_grads[name] is None, f"{name} got a gradient it did not ask for"
+
+
+def test_cpu_weight_gradients_reuse_their_storage_only_once_nothing_holds_it():
+    """The CPU kernel writes a weight's gradient into the storage of the one it returned last time
+    when that gradient was dropped, and allocates when anything (the .grad, a view of it) still holds
+    it. Stale values must never show: an expert without rows in a later step gets zeros, and a
+    gradient still in use keeps its values while the next backward runs."""
+    module = importlib.import_module("kernels.expert_mlp")
+    d, f, num_source = 6, 5, 40
+    _, _, tensors = _case([1, 1, 1], d, f, "swiglu", num_source, seed=2)
+    weights = {k: tensors[k].clone().requires_grad_() for k in ("w1", "w3", "w2")}
+    steps = [[10, 12, 9], [0, 15, 7], [8, 0, 13]]  # expert 0, then expert 1, get no rows after step 1
+
+    def step(seed, counts):
+        row_index, offsets, case = _case(counts, d, f, "swiglu", num_source, seed=seed)
+        grad = torch.randn(num_source, d, generator=torch.Generator().manual_seed(seed))
+        out = kernels.expert_mlp(case["x"], row_index, case["row_weight"], offsets, weights["w1"], weights["w3"],
+                                 weights["w2"], activation="swiglu", backend="torch")
+        out.backward(grad)
+        _, expected = _run(lambda *a: expert_mlp_reference(*a, activation="swiglu", backend="loop"), row_index, offsets,
+                           {**case, **{k: w.detach() for k, w in weights.items()}}, grad)
+        return {k: expected[k] for k in weights}
+
+    module.release_gradient_buffers()
+    expected = step(10, steps[0])
+    first = {k: w.grad for k, w in weights.items()}
+    first_values = {k: g.clone() for k, g in first.items()}
+    held = first["w1"][0]  # a view keeps w1's storage in use after its .grad is dropped
+    for k, w in weights.items():
+        torch.testing.assert_close(w.grad, expected[k], atol=1e-5, rtol=1e-5)
+        w.grad = None
+    del first
+
+    expected = step(11, steps[1])
+    for k, w in weights.items():
+        torch.testing.assert_close(w.grad, expected[k], atol=1e-5, rtol=1e-5, msg=f"grad of {k}")
+        assert torch.all(w.grad[0] == 0), f"{k}: an expert without rows must get a zero gradient"
+    torch.testing.assert_close(held, first_values["w1"][0], rtol=0, atol=0, msg="a held gradient was overwritten")
+    assert weights["w1"].grad.data_ptr() != held.data_ptr()
+    assert weights["w2"].grad.untyped_storage().data_ptr() == module._GRADIENT_BUFFERS[weights["w2"]].data_ptr()
+    reused = {k: w.grad.data_ptr() for k, w in weights.items()}
+    for w in weights.values():
+        w.grad = None
+
+    expected = step(12, steps[2])  # storages free now: written in place, with expert 1 zeroed
+    for k, w in weights.items():
+        assert w.grad.data_ptr() == reused[k], f"{k}: a dropped gradient's storage was not reused"
+        torch.testing.assert_close(w.grad, expected[k], atol=1e-5, rtol=1e-5, msg=f"grad of {k}")
+        assert torch.all(w.grad[1] == 0), f"{k}: stale values left in an expert without rows"
+
+    kept = {k: w.grad.clone() for k, w in weights.items()}
+    expected = step(13, steps[0])  # .grad kept: the new gradient is summed into it
+    for k, w in weights.items():
+        torch.testing.assert_close(w.grad, kept[k] + expected[k], atol=1e-5, rtol=1e-5, msg=f"accumulated grad of {k}")
+
+    kernels.release_gradient_buffers()
+    assert len(module._GRADIENT_BUFFERS) == 0
