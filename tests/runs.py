@@ -16,8 +16,9 @@ TINY = REPO / "configs" / "tiny.yaml"
 
 def rank_env() -> dict:
     """The environment of launched ranks. Without TRITON_INTERPRET (set for this process by
-    tests/conftest.py): ranks run no Triton kernel, and with it torch 2.13's gloo ranks can abort
-    at exit ("terminate called without an active exception") after finishing their work."""
+    tests/conftest.py): ranks run no Triton kernel. (Ranks that aborted at exit after finishing,
+    "terminate called without an active exception", did so with or without it: their gloo group
+    was never destroyed. ``parallel.engine.init_distributed`` now destroys it at exit.)"""
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     return env
