@@ -36,7 +36,7 @@ def init_distributed() -> tuple[int, int]:
     environment names the group; without one this process is rank 0 of 1.
 
     The group is destroyed when the process exits (an ``atexit`` hook): a gloo group left for the
-    C++ static destructors makes about one rank in four abort after its work is done ("terminate
+    C++ static destructors makes a rank abort now and then after its work is done ("terminate
     called without an active exception", exit -6), and the launcher then fails the whole job."""
     if device_type() == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
