@@ -92,7 +92,7 @@ def _blocks(offsets: torch.Tensor, block_rows: int):
 # gradient was set to None, or it was summed into an existing .grad), the next backward writes into
 # it again instead of allocating: E experts' gradients are large, and glibc serves an allocation of
 # 32 MiB or more with a fresh mmap, so a new buffer every step costs a page fault per 4 KiB page
-# (~100 MB zero-filled per step at d=512, f=1024, E=16). The returned tensor is the only
+# (three 32 MiB gradients at d=512, f=1024, E=16). The returned tensor is the only
 # tensor on the storage, so autograd still takes it as .grad without a copy. Holds one gradient's
 # memory per expert weight between steps; release_gradient_buffers() frees it.
 _GRADIENT_BUFFERS = WeakIdKeyDictionary()

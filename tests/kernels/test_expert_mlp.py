@@ -147,7 +147,7 @@ def test_cpu_weight_gradients_reuse_their_storage_only_once_nothing_holds_it():
                            {**case, **{k: w.detach() for k, w in weights.items()}}, grad)
         return {k: expected[k] for k in weights}
 
-    module.release_gradient_buffers()
+    kernels.release_gradient_buffers()
     expected = step(10, steps[0])
     first = {k: w.grad for k, w in weights.items()}
     first_values = {k: g.clone() for k, g in first.items()}
