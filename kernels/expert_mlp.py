@@ -19,12 +19,17 @@ Backends:
   activations, weighted ``index_add``, all differentiated by autograd. The readable definition.
 - "triton" (the default): on CUDA, the Triton kernels of :mod:`kernels.triton_ops` (gather fused
   into the first GEMM, weighted scatter into the second's epilogue); elsewhere "torch", silently.
-- "torch": on CPU, :class:`_BlockedExpertMLP`: one expert block at a time, gather -> GEMM ->
-  activation -> weight -> GEMM -> scatter-add while the block is in cache, and a hand-written
-  backward in the same blocked order (no ``[N, d]`` intermediates are ever materialised, the
-  SwiGLU input gradient of both branches accumulates in one ``addmm``, the activation is
-  recomputed rather than saved, each weight gradient written into the storage of the one returned
-  the step before once nothing holds it). On other devices the reference with ``F.grouped_mm``.
+- "torch": on CPU with fp32 tensors, :class:`_ExtensionExpertMLP`, the C++ kernel of
+  ``kernels/csrc/expert_mlp_cpu.cpp`` (built on first use by :mod:`kernels.cpu_extension`): per
+  expert, gather -> GEMM -> one fused activation-and-weight pass -> GEMM -> scatter-add, and a
+  hand-written backward in the same order. With at least two experts per thread and no expert
+  much bigger than the rest, each thread runs whole experts with single-threaded GEMMs; otherwise
+  the experts run in turn with every GEMM on all threads. Other CPU dtypes, or a machine where the
+  extension cannot be built, take :class:`_BlockedExpertMLP`: the same algorithm in Python, one
+  cache-sized block of experts at a time. Both never materialise ``[N, d]`` intermediates, recompute
+  the activation in backward rather than saving it, and write each weight gradient into the storage
+  of the one returned the step before once nothing holds it. On other devices the reference with
+  ``F.grouped_mm``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from kernels import cpu_extension
 from kernels.grouped_mm import grouped_mm, triton_on_cpu
 
 ACTIVATIONS = ("swiglu", "gelu", "relu")
@@ -219,6 +225,61 @@ class _BlockedExpertMLP(torch.autograd.Function):
         return grad_x, None, grad_row_weight, None, grad_w1, grad_w3, grad_w2, None
 
 
+# The C++ kernel's work unit: a run of at most this many bytes of one expert's [rows, max(d, f)]
+# activations (at least 256 rows); and how its threads share the units (-1: the kernel chooses,
+# 1: whole units per thread, 0: one unit after another with every GEMM on all threads).
+CHUNK_BYTES = 16 << 20
+UNIT_PARALLEL = -1
+
+
+def _chunk_rows(x: torch.Tensor, w1: torch.Tensor) -> int:
+    return max(256, CHUNK_BYTES // (x.element_size() * max(x.shape[1], w1.shape[2])))
+
+
+class _ExtensionExpertMLP(torch.autograd.Function):
+    """:class:`_BlockedExpertMLP`'s algorithm in C++ (``kernels/csrc/expert_mlp_cpu.cpp``), with the
+    threads running whole experts side by side when there are enough of them."""
+
+    @staticmethod
+    def forward(ctx, x, row_index, row_weight, offsets, w1, w3, w2, activation):
+        weight = row_weight.to(x.dtype).contiguous()
+        x, row_index, offsets, w1, w2 = (t.contiguous() for t in (x, row_index, offsets, w1, w2))
+        w3 = None if w3 is None else w3.contiguous()
+        ctx.code, ctx.chunk_rows, ctx.weight_dtype = ACTIVATIONS.index(activation), _chunk_rows(x, w1), row_weight.dtype
+        out, h1, h3 = cpu_extension.load().forward(
+            x, row_index, weight, offsets, w1, w3, w2, ctx.code, ctx.chunk_rows, UNIT_PARALLEL
+        )
+        ctx.save_for_backward(x, row_index, weight, offsets, w1, w3, w2, h1, h3)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, row_index, weight, offsets, w1, w3, w2, h1, h3 = ctx.saved_tensors
+        need_x, _, need_weight, _, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:7]
+        counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
+        empty = [e for e, count in enumerate(counts) if count <= 0]
+        grads = [_weight_grad(w, empty) if need else None for w, need in ((w1, need_w1), (w3, need_w3), (w2, need_w2))]
+        grad_x, grad_weight = cpu_extension.load().backward(
+            grad_out.contiguous(), x, row_index, weight, offsets, w1, w3, w2, h1, h3, ctx.code, need_x, need_weight,
+            *grads, ctx.chunk_rows, UNIT_PARALLEL,
+        )
+        return (
+            grad_x if need_x else None, None, grad_weight.to(ctx.weight_dtype) if need_weight else None, None, *grads, None
+        )
+
+
+def _extension_applies(x, row_index, offsets, w1, w3, w2) -> bool:
+    """fp32 CPU tensors with the index dtypes the C++ kernel reads, and an extension that built."""
+    tensors = [x, w1, w2] + ([] if w3 is None else [w3])
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and row_index.dtype == torch.int64
+        and offsets.dtype == torch.int32
+        and offsets.device.type == "cpu"
+        and cpu_extension.load() is not None
+    )
+
+
 def expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = "swiglu", backend: str = "triton"):
     """``out [M, d]``: the weighted expert outputs of the grouped rows, added at their source rows.
 
@@ -237,6 +298,8 @@ def expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = 
             return expert_mlp_triton(x, row_index, row_weight, offsets, w1, w3, w2, activation)
         backend = "torch"
     if backend == "torch" and x.device.type == "cpu":
+        if _extension_applies(x, row_index, offsets, w1, w3, w2):
+            return _ExtensionExpertMLP.apply(x, row_index, row_weight, offsets, w1, w3, w2, activation)
         return _BlockedExpertMLP.apply(x, row_index, row_weight, offsets, w1, w3, w2, activation)
     if backend in EXPERT_BACKENDS:
         return expert_mlp_reference(x, row_index, row_weight, offsets, w1, w3, w2, activation, backend=backend)

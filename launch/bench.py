@@ -48,12 +48,12 @@ COLUMNS = (  # (key, header, definition)
     ("deepspeed_ms", "deepspeed ms", "deepspeed.moe.layer.MoE (dropless, same SwiGLU experts) forward+backward"),
     ("dense_mlp_ms", "dense MLP ms", "dense SwiGLU MLP on T*k rows forward+backward (same FLOPs, no routing)"),
     ("dense_gemm_ms", "dense GEMM ms", "only the dense MLP's 3 forward and 6 backward matmuls (no activation)"),
-    ("expert_gemm_ms", "expert GEMM ms", "the same 9 matmuls per expert, on the layer's own weights and per-expert "
-     "row counts (no routing, gather, activation or scatter)"),
+    ("expert_gemm_ms", "expert GEMM ms", "the same 9 matmuls per expert, one expert after another with all threads "
+     "in each matmul, on the layer's own weights and per-expert row counts (no routing, gather, activation or scatter)"),
     ("ours_per_dense_mlp", "ours/MLP", "ours ms / dense MLP ms (1.0 = routing costs nothing)"),
     ("ours_per_dense_mlp_iqr", "ours/MLP IQR", "first and third quartile of ours/MLP over the rounds"),
     ("ours_per_dense_gemm", "ours/GEMM", "ours ms / dense GEMM ms"),
-    ("expert_per_dense_gemm", "xGEMM/GEMM", "expert GEMM ms / dense GEMM ms: the cost of E weight sets, before any routing"),
+    ("expert_per_dense_gemm", "xGEMM/GEMM", "expert GEMM ms / dense GEMM ms: the cost of E weight sets run that way"),
     ("deepspeed_per_dense_mlp", "ds/MLP", "deepspeed ms / dense MLP ms"),
     ("speedup_vs_deepspeed", "ds/ours", "deepspeed ms / ours ms: our speedup over deepspeed"),
 )
@@ -148,9 +148,10 @@ def _dense_gemm_step(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: to
 
 
 def _expert_gemm_step(x: torch.Tensor, ours, grad: torch.Tensor) -> Step:
-    """The matmuls of ``_dense_gemm_step`` once per expert, on contiguous rows in the counts the
-    layer's router gives ``x`` and on the layer's own [E, ...] weights: what any dispatch design
-    has to pay on this machine for E weight sets instead of one."""
+    """The matmuls of ``_dense_gemm_step`` once per expert, one expert after another (each matmul on
+    all threads), on contiguous rows in the counts the layer's router gives ``x`` and on the layer's
+    own [E, ...] weights: what E weight sets instead of one cost when run that way. (The layer's CPU
+    kernel can do better with many experts, by giving each thread whole experts.)"""
     experts = ours.experts
     w1, w3, w2 = (w.detach() for w in (experts.w1, experts.w3, experts.w2))
     with torch.no_grad():
@@ -304,6 +305,16 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _cpu_kernel() -> str:
+    """Which implementation of the CPU expert MLP ours runs (building the C++ one if need be)."""
+    from kernels import cpu_extension
+
+    if cpu_extension.load() is not None:
+        return "the C++ CPU expert kernel (kernels/csrc/expert_mlp_cpu.cpp)"
+    why = cpu_extension.build_error() or "SLIMMOE_CPU_EXTENSION=0"
+    return f"the Python fallback of the CPU expert kernel ({why})"
+
+
 def _format(value, ratio: bool) -> str:
     if isinstance(value, list):
         return "-".join(f"{v:.2f}" for v in value)
@@ -336,9 +347,11 @@ def _run_layer(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     header = {"torch": torch.__version__, "threads": threads, "cpu": _cpu_model(), "load_avg_1min": load,
-              "tokens": args.tokens, "repeats": args.repeats, "warmup": WARMUP, "dtype": "float32", "device": "cpu"}
+              "tokens": args.tokens, "repeats": args.repeats, "warmup": WARMUP, "dtype": "float32", "device": "cpu",
+              "ours_cpu_kernel": _cpu_kernel()}
     print(f"moe bench layer: torch {header['torch']}, {threads} threads, CPU {header['cpu']}, "
           f"load average {_format(load, ratio=False)} at start")
+    print(f"ours runs {header['ours_cpu_kernel']}")
     print(f"T={args.tokens} tokens, fp32, SwiGLU, forward+backward; {args.repeats} interleaved rounds after "
           f"{WARMUP} warm-up: times are medians, ratios medians of the per-round ratios")
     for _, header_text, definition in COLUMNS:

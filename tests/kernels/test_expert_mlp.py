@@ -1,5 +1,10 @@
 """kernels.expert_mlp (gather + expert MLP + weighted scatter, fused) against the unfused reference
-and against a per-row loop: outputs and the gradients of x, the row weights and every weight."""
+and against a per-row loop: outputs and the gradients of x, the row weights and every weight.
+
+The CPU "torch" backend has two implementations, and the tests below run each of them: the C++
+extension (``kernels/csrc/expert_mlp_cpu.cpp``) with its threads sharing whole experts, with them
+running one expert after another, and with its own choice; and the Python fallback.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,34 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import expert_mlp_reference
+from kernels import cpu_extension, expert_mlp_reference
+
+EXPERT_MLP = importlib.import_module("kernels.expert_mlp")
+CPU_PATHS = {  # path -> (UNIT_PARALLEL, the autograd node the output must come from)
+    "extension": (-1, "_ExtensionExpertMLPBackward"),
+    "extension-units": (1, "_ExtensionExpertMLPBackward"),
+    "extension-serial": (0, "_ExtensionExpertMLPBackward"),
+    "python": (None, "_BlockedExpertMLPBackward"),
+}
+
+
+@pytest.fixture(params=list(CPU_PATHS))
+def cpu_path(request, monkeypatch):
+    """One CPU implementation, with two threads so the extension's threads can share the experts."""
+    mode, node = CPU_PATHS[request.param]
+    if mode is None:
+        monkeypatch.setenv("SLIMMOE_CPU_EXTENSION", "0")
+    else:
+        assert cpu_extension.load() is not None, f"the C++ CPU kernel did not build: {cpu_extension.build_error()}"
+        monkeypatch.setattr(EXPERT_MLP, "UNIT_PARALLEL", mode)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield node
+    torch.set_num_threads(threads)
+
+
+def _ran_on(out: torch.Tensor, node: str) -> None:
+    assert type(out.grad_fn).__name__ == node, f"ran {type(out.grad_fn).__name__}, expected {node}"
 
 
 def _per_row(x, row_index, row_weight, counts, w1, w3, w2, activation):
@@ -56,13 +88,15 @@ def _run(fn, row_index, offsets, tensors, grad):
         ([1], 3, 2, 1),  # a single row
         ([2, 3], 6, 4, 10),  # source rows that no expert reads get zero output and zero gradient
         ([700, 0, 900, 500, 1], 5, 3, 2000),  # several blocks of the blocked path
+        ([40] * 12 + [3, 0, 90], 20, 36, 120),  # many experts: the extension's threads share them
     ],
 )
-def test_fused_expert_mlp_matches_reference_and_per_row_loop(activation, counts, d, f, num_source):
+def test_fused_expert_mlp_matches_reference_and_per_row_loop(cpu_path, activation, counts, d, f, num_source):
     row_index, offsets, tensors = _case(counts, d, f, activation, num_source)
     grad = torch.randn(num_source, d)
     act = dict(activation=activation)
     fused, fused_grads = _run(lambda *a: kernels.expert_mlp(*a, **act, backend="torch"), row_index, offsets, tensors, grad)
+    _ran_on(fused, cpu_path)
     ref, ref_grads = _run(lambda *a: expert_mlp_reference(*a, **act, backend="loop"), row_index, offsets, tensors, grad)
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
     for name, value in ref_grads.items():
@@ -100,11 +134,13 @@ def test_expert_mlp_rejects_bad_arguments():
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
 @pytest.mark.parametrize("needs", [("x", "row_weight", "w1", "w3", "w2"), ("x",), ("w1", "w3"), ("row_weight", "w2")])
-def test_blocked_path_over_many_blocks_and_any_subset_of_gradients(monkeypatch, activation, needs):
-    """The CPU path over several blocks of different sizes (experts grouped until a block is full, an
-    empty expert inside one) with only some leaves requiring gradients: every gradient asked for
+def test_blocked_path_over_many_blocks_and_any_subset_of_gradients(monkeypatch, cpu_path, activation, needs):
+    """The CPU path over several blocks of different sizes (Python: experts grouped until a block is
+    full, an empty expert inside one; C++: experts split into chunks of 256 rows whose weight
+    gradients accumulate) with only some leaves requiring gradients: every gradient asked for
     matches the reference, and none is computed for a leaf that did not ask."""
-    monkeypatch.setattr(importlib.import_module("kernels.expert_mlp"), "BLOCK_BYTES", 1)  # blocks of >= 256 rows
+    monkeypatch.setattr(EXPERT_MLP, "BLOCK_BYTES", 1)  # Python: blocks of >= 256 rows
+    monkeypatch.setattr(EXPERT_MLP, "CHUNK_BYTES", 1)  # C++: chunks of at most 256 rows
     counts = [300, 0, 100, 200, 50, 400, 7]  # blocks of 300, 300 and 457 rows
     row_index, offsets, tensors = _case(counts, 6, 5, activation, 500, seed=1)
     grad = torch.randn(500, 6)
@@ -117,6 +153,7 @@ def test_blocked_path_over_many_blocks_and_any_subset_of_gradients(monkeypatch, 
         return out, {k: v.grad for k, v in leaves.items() if v is not None}
 
     fused, fused_grads = run(lambda *a, **kw: kernels.expert_mlp(*a, **kw, backend="torch"))
+    _ran_on(fused, cpu_path)
     ref, ref_grads = run(lambda *a, **kw: expert_mlp_reference(*a, **kw, backend="loop"))
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
     for name, value in ref_grads.items():
@@ -126,12 +163,12 @@ def test_blocked_path_over_many_blocks_and_any_subset_of_gradients(monkeypatch, 
             assert fused_grads[name] is None, f"{name} got a gradient it did not ask for"
 
 
-def test_cpu_weight_gradients_reuse_their_storage_only_once_nothing_holds_it():
+def test_cpu_weight_gradients_reuse_their_storage_only_once_nothing_holds_it(cpu_path):
     """The CPU kernel writes a weight's gradient into the storage of the one it returned last time
     when that gradient was dropped, and allocates when anything (the .grad, a view of it) still holds
     it. Stale values must never show: an expert without rows in a later step gets zeros, and a
     gradient still in use keeps its values while the next backward runs."""
-    module = importlib.import_module("kernels.expert_mlp")
+    module = EXPERT_MLP
     d, f, num_source = 6, 5, 40
     _, _, tensors = _case([1, 1, 1], d, f, "swiglu", num_source, seed=2)
     weights = {k: tensors[k].clone().requires_grad_() for k in ("w1", "w3", "w2")}
@@ -181,3 +218,77 @@ def test_cpu_weight_gradients_reuse_their_storage_only_once_nothing_holds_it():
 
     kernels.release_gradient_buffers()
     assert len(module._GRADIENT_BUFFERS) == 0
+
+
+@pytest.mark.parametrize("mode", [1, 0])
+def test_extension_sums_rows_that_share_a_source_row_within_one_expert(monkeypatch, mode):
+    """The operator's definition sums every grouped row into its source row, even two rows of one
+    expert reading the same source row (the dispatchers never produce that, the definition allows it)."""
+    assert cpu_extension.load() is not None, cpu_extension.build_error()
+    monkeypatch.setattr(EXPERT_MLP, "UNIT_PARALLEL", mode)
+    counts = [6, 2] + [3] * 8
+    _, offsets, tensors = _case(counts, 20, 8, "swiglu", 5, seed=3)
+    row_index = torch.tensor([0, 0, 1, 1, 2, 0, 4, 4] + [0, 3, 0] * 8)
+    grad = torch.randn(5, 20)
+    fused, fused_grads = _run(lambda *a: kernels.expert_mlp(*a, backend="torch"), row_index, offsets, tensors, grad)
+    _ran_on(fused, "_ExtensionExpertMLPBackward")
+    ref, ref_grads = _run(lambda *a: expert_mlp_reference(*a, backend="loop"), row_index, offsets, tensors, grad)
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+    for name, value in ref_grads.items():
+        torch.testing.assert_close(fused_grads[name], value, atol=1e-5, rtol=1e-5, msg=f"grad of {name}")
+
+
+def test_extension_rejects_indices_it_would_read_out_of_bounds():
+    """Rows and offsets are checked before any raw-pointer loop reads them: one clear error each."""
+    extension = cpu_extension.load()
+    assert extension is not None, cpu_extension.build_error()
+    row_index, offsets, t = _case([2, 3], 4, 6, "swiglu", 5)
+    args = [t["x"], row_index, t["row_weight"], offsets, t["w1"], t["w3"], t["w2"], 0, 256, -1]
+    bad_rows = row_index.clone()
+    bad_rows[3] = 5
+    with pytest.raises(RuntimeError, match=r"row_index\[3\] = 5 is outside x's 5 rows"):
+        extension.forward(*args[:1], bad_rows, *args[2:])
+    with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
+        extension.forward(*args[:3], torch.tensor([3, 2], dtype=torch.int32), *args[4:])
+    with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
+        extension.forward(*args[:3], torch.tensor([2, 6], dtype=torch.int32), *args[4:])
+    with pytest.raises(RuntimeError, match="do not fit x"):
+        extension.forward(*args[:6], t["w2"][:, :5], *args[7:])
+    with pytest.raises(RuntimeError, match="w3 is required for SwiGLU only"):
+        extension.forward(*args[:5], None, *args[6:])
+
+
+def test_cpu_dtypes_the_extension_does_not_handle_run_the_python_path():
+    """float64 (or any non-fp32) CPU tensors take the Python implementation, with correct results."""
+    row_index, offsets, tensors = _case([4, 0, 5], 6, 7, "swiglu", 8)
+    tensors = {k: None if v is None else v.double() for k, v in tensors.items()}
+    grad = torch.randn(8, 6, dtype=torch.float64)
+    fused, fused_grads = _run(lambda *a: kernels.expert_mlp(*a, backend="torch"), row_index, offsets, tensors, grad)
+    _ran_on(fused, "_BlockedExpertMLPBackward")
+    ref, ref_grads = _run(lambda *a: expert_mlp_reference(*a, backend="loop"), row_index, offsets, tensors, grad)
+    torch.testing.assert_close(fused, ref)
+    for name, value in ref_grads.items():
+        torch.testing.assert_close(fused_grads[name], value, msg=f"grad of {name}")
+
+
+def test_extension_shares_experts_between_threads_only_when_that_balances_and_fits():
+    """The automatic choice: whole experts per thread when scheduling them largest first leaves no
+    thread more than 1.15x its share of the rows, and the other threads' [M, d] accumulators fit
+    within the [N, f] budget; otherwise every GEMM on all threads. One thread never shares."""
+    extension = cpu_extension.load()
+    assert extension is not None, cpu_extension.build_error()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        choose = extension.chooses_unit_parallel
+        assert choose([1000, 1100, 900, 1000], 10, 10)  # 2000 rows per thread
+        assert choose([1000, 1000], 10, 10)  # one expert per thread
+        assert not choose([1000], 10, 10)  # the other thread would idle
+        assert not choose([3000, 100, 100, 100, 100], 10, 10)  # one expert holds most rows
+        assert choose([1150] + [50] * 17, 10, 10)  # 1150 rows on one thread against a share of 1000
+        assert not choose([1151] + [50] * 17, 10, 10)  # just over 1.15x
+        assert not choose([1000, 1100, 900, 1000], 11, 10)  # the second thread's accumulator exceeds the budget
+        torch.set_num_threads(1)
+        assert not choose([1000, 1100, 900, 1000], 10, 10)
+    finally:
+        torch.set_num_threads(threads)
