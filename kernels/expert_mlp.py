@@ -22,9 +22,10 @@ Backends:
 - "torch": on CPU with fp32 tensors, :class:`_ExtensionExpertMLP`, the C++ kernel of
   ``kernels/csrc/expert_mlp_cpu.cpp`` (built on first use by :mod:`kernels.cpu_extension`): per
   expert, gather -> GEMM -> one fused activation-and-weight pass -> GEMM -> scatter-add, and a
-  hand-written backward in the same order. With at least two experts per thread and no expert
-  much bigger than the rest, each thread runs whole experts with single-threaded GEMMs; otherwise
-  the experts run in turn with every GEMM on all threads. Other CPU dtypes, or a machine where the
+  hand-written backward in the same order. When the experts can be dealt out to the threads,
+  largest first, with no thread getting more than 1.15x its share of the rows (and the per-thread
+  ``[M, d]`` accumulators fit), each thread runs whole experts with single-threaded GEMMs;
+  otherwise the experts run in turn with every GEMM on all threads. Other CPU dtypes, or a machine where the
   extension cannot be built, take :class:`_BlockedExpertMLP`: the same algorithm in Python, one
   cache-sized block of experts at a time. Both never materialise ``[N, d]`` intermediates, recompute
   the activation in backward rather than saving it, and write each weight gradient into the storage
@@ -238,7 +239,7 @@ def _chunk_rows(x: torch.Tensor, w1: torch.Tensor) -> int:
 
 class _ExtensionExpertMLP(torch.autograd.Function):
     """:class:`_BlockedExpertMLP`'s algorithm in C++ (``kernels/csrc/expert_mlp_cpu.cpp``), with the
-    threads running whole experts side by side when there are enough of them."""
+    threads running whole experts side by side when that keeps them evenly loaded."""
 
     @staticmethod
     def forward(ctx, x, row_index, row_weight, offsets, w1, w3, w2, activation):
