@@ -269,6 +269,13 @@ class _ExtensionExpertMLP(torch.autograd.Function):
         )
 
 
+@torch.compiler.disable
+def _extension_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation):
+    """Runs eagerly under ``torch.compile``: the extension is not a ``torch.library`` op, so the
+    graph breaks here (as it did at the Python fallback's ``offsets.tolist()``) without a warning."""
+    return _ExtensionExpertMLP.apply(x, row_index, row_weight, offsets, w1, w3, w2, activation)
+
+
 def _extension_applies(x, row_index, offsets, w1, w3, w2) -> bool:
     """fp32 CPU tensors with the index dtypes the C++ kernel reads, and an extension that built."""
     tensors = [x, w1, w2] + ([] if w3 is None else [w3])
@@ -300,7 +307,7 @@ def expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = 
         backend = "torch"
     if backend == "torch" and x.device.type == "cpu":
         if _extension_applies(x, row_index, offsets, w1, w3, w2):
-            return _ExtensionExpertMLP.apply(x, row_index, row_weight, offsets, w1, w3, w2, activation)
+            return _extension_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation)
         return _BlockedExpertMLP.apply(x, row_index, row_weight, offsets, w1, w3, w2, activation)
     if backend in EXPERT_BACKENDS:
         return expert_mlp_reference(x, row_index, row_weight, offsets, w1, w3, w2, activation, backend=backend)

@@ -9,6 +9,7 @@ running one expert after another, and with its own choice; and the Python fallba
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -292,3 +293,34 @@ def test_extension_shares_experts_between_threads_only_when_that_balances_and_fi
         assert not choose([1000, 1100, 900, 1000], 10, 10)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_torch_compile_of_a_cpu_layer_gives_the_eager_outputs_and_gradients():
+    """torch.compile runs the C++ kernel eagerly inside a compiled layer (a graph break, without
+    Dynamo's warning about an untraceable builtin) and gets the same output and gradients as eager."""
+    import moe
+
+    torch.manual_seed(0)
+    config = moe.MoEConfig(hidden_size=16, ffn_hidden_size=24, num_experts=8, top_k=2, router="learned")
+    layer = moe.MoELayer(config).train()
+    x, grad = torch.randn(40, 16, requires_grad=True), torch.randn(40, 16)
+
+    def run(module):
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        out = module(x)
+        out.backward(grad)
+        return out.detach(), [x.grad, *(p.grad for p in layer.parameters())]
+
+    eager, eager_grads = run(layer)
+    node = layer(x).grad_fn  # the layer's reshape back to x's shape, on top of the experts' output
+    assert type(node.next_functions[0][0]).__name__ == "_ExtensionExpertMLPBackward"
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled, compiled_grads = run(torch.compile(layer, backend="aot_eager"))
+    untraceable = [str(w.message) for w in caught if "does not know how to trace" in str(w.message)]
+    assert not untraceable, untraceable[0]
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want)
