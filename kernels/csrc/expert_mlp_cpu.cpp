@@ -165,22 +165,24 @@ std::vector<Chunk> chunks_of(const at::Tensor& offsets, int64_t rows) {
   return chunks;
 }
 
-// How the threads share the work. With many units, each thread runs whole units on its own
-// (single-threaded GEMMs, per-thread buffers, one parallel region per call, dynamically scheduled,
-// largest first), and the scattered outputs go to per-thread [M, d] accumulators summed at the end.
-// With few units, the units run one after another and every GEMM and loop uses all threads.
+// How the threads share the work. Unit-parallel: each thread runs whole units on its own
+// (single-threaded GEMMs, per-thread buffers, one parallel region per call, the next largest unit
+// to whichever thread is free), and the scattered outputs go to per-thread [M, d] accumulators
+// summed at the end. Otherwise the units run one after another and every GEMM and loop uses all
+// threads. Many small experts gain most from the first: no fork and join around every GEMM.
 struct Plan {
   int threads;
   bool unit_parallel;
 };
 
 // mode: 1 unit-parallel, 0 one unit after another, -1 choose. The choice is unit-parallel when
-// - scheduling the units largest first, each to the least loaded thread (as for_each_unit does),
-//   leaves no thread more than 1.15 times its share of the rows (with a skewed routing one
-//   thread would be left alone with a big expert; each GEMM on all threads is faster then), and
+// - dealing the units out largest first, each to the least loaded thread (what for_each_unit's
+//   dynamic schedule does when a unit's time follows its rows), leaves no thread more than 1.15
+//   times its share of the rows (with a skewed routing one thread would be left alone with a big
+//   expert while the others wait), and
 // - the other threads' [M, d] accumulators (accumulator_floats each) together take no more memory
-//   than budget_floats, the [N, f] hidden activation the forward keeps anyway (on a many-core
-//   machine the per-expert GEMMs are large enough to use all threads well by themselves).
+//   than budget_floats, the [N, f] hidden activation the forward keeps anyway (that memory grows
+//   with the thread count, so a many-core machine runs each GEMM on all threads instead).
 Plan plan_for(const std::vector<int64_t>& sizes, int64_t mode, int64_t accumulator_floats, int64_t budget_floats) {
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   if (threads <= 1 || mode == 0) return {1, false};
