@@ -1,9 +1,9 @@
 """Build and load the C++ CPU expert MLP (``kernels/csrc/expert_mlp_cpu.cpp``) on first use.
 
 It is compiled by :func:`torch.utils.cpp_extension.load` (ninja and the C++ compiler the machine
-has) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default under ``~/.cache``), once per
-machine and vector ISA: about half a minute on two cores the first time, a cached import afterwards
-(a changed source is rebuilt). The vector width follows what torch itself uses on this CPU
+has) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default under ``~/.cache``), once
+per machine and vector ISA; later processes import the cached build (a changed source is rebuilt).
+The vector width follows what torch itself uses on this CPU
 (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2 or the portable default). It runs its
 threads on the OpenMP runtime torch has loaded, so they are torch's intra-op threads.
 

@@ -314,8 +314,8 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& row_index
   return {out.out, h1_all, h3_all};
 }
 
-// Writes the weight gradients of experts with rows into grad_w1/grad_w3/grad_w2 (the caller
-// zeroes experts without rows); returns (grad_x or an empty tensor, grad_row_weight or an empty tensor).
+// Called by _ExtensionExpertMLP.backward with the tensors forward saved. Writes the weight gradients
+// of experts with rows into grad_w1/grad_w3/grad_w2 (the caller zeroes experts without rows); returns (grad_x or an empty tensor, grad_row_weight or an empty tensor).
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_index,
                                  const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& w1,
                                  const c10::optional<at::Tensor>& w3, const at::Tensor& w2, const at::Tensor& h1_all,
@@ -323,7 +323,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
                                  const c10::optional<at::Tensor>& grad_w1, const c10::optional<at::Tensor>& grad_w3,
                                  const c10::optional<at::Tensor>& grad_w2, int64_t chunk_rows, int64_t mode) {
   at::NoGradGuard no_grad;
-  check_inputs(x, row_index, weight, offsets, w1, w3, w2, activation, chunk_rows);
+  // Every other input is what forward saved after check_inputs passed; only grad_out is new.
   TORCH_CHECK(grad_out.sizes() == x.sizes(), "expert_mlp: grad_out ", grad_out.sizes(), " differs from x ", x.sizes());
   const int64_t d = x.size(1), f = w1.size(2), n_rows = row_index.size(0);
   const bool swiglu = activation == kSwiGLU;
@@ -395,5 +395,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return plan_for(unit_rows, -1, accumulator_floats, budget_floats).unit_parallel;
         },
         "whether the kernel would run units of these row counts in parallel, at torch's current thread count");
-  m.attr("vector_lanes") = Vec::size();
 }
