@@ -25,7 +25,9 @@ Backends:
   hand-written backward in the same order. When the experts can be dealt out to the threads,
   largest first, with no thread getting more than 1.15x its share of the rows (and the per-thread
   ``[M, d]`` accumulators fit), each thread runs whole experts with single-threaded GEMMs;
-  otherwise the experts run in turn with every GEMM on all threads. Other CPU dtypes, or a machine where the
+  otherwise the experts run in turn with every GEMM on all threads. Which thread runs which
+  expert follows from the row counts alone, so results are bitwise reproducible at a given
+  thread count. Other CPU dtypes, or a machine where the
   extension cannot be built, take :class:`_BlockedExpertMLP`: the same algorithm in Python, one
   cache-sized block of experts at a time. Both never materialise ``[N, d]`` intermediates, recompute
   the activation in backward rather than saving it, and write each weight gradient into the storage

@@ -166,52 +166,71 @@ std::vector<Chunk> chunks_of(const at::Tensor& offsets, int64_t rows) {
 }
 
 // How the threads share the work. Unit-parallel: each thread runs whole units on its own
-// (single-threaded GEMMs, per-thread buffers, one parallel region per call, the next largest unit
-// to whichever thread is free), and the scattered outputs go to per-thread [M, d] accumulators
-// summed at the end. Otherwise the units run one after another and every GEMM and loop uses all
-// threads. Many small experts gain most from the first: no fork and join around every GEMM.
+// (single-threaded GEMMs, per-thread buffers, one parallel region per call), and the scattered
+// outputs go to per-thread [M, d] accumulators summed at the end in thread order. Otherwise the
+// units run one after another and every GEMM and loop uses all threads. Many small experts gain
+// most from the first: no fork and join around every GEMM.
+//
+// Determinism: which thread runs which unit, and in what order, is decided before the parallel
+// region from the unit sizes alone (deal_units), never by which thread happens to be free first.
+// A token's contributions are therefore summed in the same order on every run at a given thread
+// count, and the same inputs give bitwise the same outputs and gradients.
 struct Plan {
   int threads;
   bool unit_parallel;
+  std::vector<std::vector<int64_t>> units_of_thread;  // unit-parallel only: each thread's units, in order
 };
 
+// Deal the units out largest first (ties: lower unit index first), each to the least loaded thread
+// (ties: lower thread index). Returns each thread's units in the order it runs them.
+std::vector<std::vector<int64_t>> deal_units(const std::vector<int64_t>& sizes, int threads) {
+  std::vector<int64_t> order(sizes.size());
+  for (size_t u = 0; u < sizes.size(); ++u) order[u] = u;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sizes[a] > sizes[b]; });
+  std::vector<std::vector<int64_t>> units_of_thread(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (int64_t u : order) {
+    const int t = int(std::min_element(load.begin(), load.end()) - load.begin());
+    load[t] += sizes[u];
+    units_of_thread[t].push_back(u);
+  }
+  return units_of_thread;
+}
+
 // mode: 1 unit-parallel, 0 one unit after another, -1 choose. The choice is unit-parallel when
-// - dealing the units out largest first, each to the least loaded thread (what for_each_unit's
-//   dynamic schedule does when a unit's time follows its rows), leaves no thread more than 1.15
-//   times its share of the rows (with a skewed routing one thread would be left alone with a big
-//   expert while the others wait), and
+// - dealing the units out (deal_units) leaves no thread more than 1.15 times its share of the rows
+//   (with a skewed routing one thread would be left alone with a big expert while the others
+//   wait), and
 // - the other threads' [M, d] accumulators (accumulator_floats each) together take no more memory
 //   than budget_floats, the [N, f] hidden activation the forward keeps anyway (that memory grows
 //   with the thread count, so a many-core machine runs each GEMM on all threads instead).
 Plan plan_for(const std::vector<int64_t>& sizes, int64_t mode, int64_t accumulator_floats, int64_t budget_floats) {
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (threads <= 1 || mode == 0) return {1, false};
-  if (mode == 1) return {threads, true};
-  std::vector<int64_t> sorted(sizes), load(threads, 0);
-  std::sort(sorted.begin(), sorted.end(), std::greater<int64_t>());
-  int64_t total = 0;
-  for (int64_t size : sorted) {
-    *std::min_element(load.begin(), load.end()) += size;
-    total += size;
+  if (threads <= 1 || mode == 0) return {1, false, {}};
+  auto units_of_thread = deal_units(sizes, threads);
+  if (mode != 1) {
+    int64_t total = 0, busiest = 0;
+    for (const auto& units : units_of_thread) {
+      int64_t load = 0;
+      for (int64_t u : units) load += sizes[u];
+      total += load;
+      busiest = std::max(busiest, load);
+    }
+    const bool balanced = busiest * threads * 100 <= total * 115;
+    const bool fits = (threads - 1) * accumulator_floats <= budget_floats;
+    if (!(balanced && fits)) return {threads, false, {}};
   }
-  const int64_t busiest = *std::max_element(load.begin(), load.end());
-  const bool balanced = busiest * threads * 100 <= total * 115;
-  const bool fits = (threads - 1) * accumulator_floats <= budget_floats;
-  return {threads, balanced && fits};
+  return {threads, true, std::move(units_of_thread)};
 }
 
-// Runs body(unit, thread) for every unit: in parallel over units (largest first) or in order.
+// Runs body(unit, thread) for every unit: each thread its own dealt units, or all in order.
 template <typename Body>
 void for_each_unit(const Plan& plan, const std::vector<int64_t>& sizes, const Body& body) {
-  const int64_t units = sizes.size();
   if (!plan.unit_parallel) {
-    for (int64_t u = 0; u < units; ++u) body(u, 0);
+    for (int64_t u = 0; u < int64_t(sizes.size()); ++u) body(u, 0);
     return;
   }
-  std::vector<int64_t> order(units);
-  for (int64_t u = 0; u < units; ++u) order[u] = u;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sizes[a] > sizes[b]; });
-  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
   std::exception_ptr error;
   std::mutex error_lock;
   const at::ThreadLocalState state;  // grad mode and the rest are per thread: carry the caller's over
@@ -219,13 +238,19 @@ void for_each_unit(const Plan& plan, const std::vector<int64_t>& sizes, const Bo
   {
     at::ThreadLocalStateGuard guard(state);
     const int thread = omp_get_thread_num();
-    for (int64_t i = next++; i < units; i = next++) {
-      try {
-        body(order[i], thread);
-      } catch (...) {
-        std::lock_guard<std::mutex> guard(error_lock);
-        if (!error) error = std::current_exception();
-        next = units;
+    // OpenMP may give the region fewer threads than asked: thread t then also runs the units dealt
+    // to t + team, t + 2 * team, ... (still a fixed assignment, so still deterministic).
+    const int team = omp_get_num_threads();
+    for (int owner = thread; owner < plan.threads && !failed; owner += team) {
+      for (int64_t u : plan.units_of_thread[owner]) {
+        if (failed) break;
+        try {
+          body(u, owner);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(error_lock);
+          if (!error) error = std::current_exception();
+          failed = true;
+        }
       }
     }
   }
@@ -347,7 +372,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
   auto grad_h1 = at::empty({buffers, widest, f}, x.options());
   auto grad_h3 = at::empty({buffers, swiglu ? widest : 0, f}, x.options());
   auto weighted_act = at::empty({buffers, need_w2 ? widest : 0, f}, x.options());
-  Accumulators grad_x(need_x ? at::zeros_like(x) : at::empty({0}, x.options()), need_x ? plan : Plan{1, false});
+  Accumulators grad_x(need_x ? at::zeros_like(x) : at::empty({0}, x.options()), need_x ? plan : Plan{1, false, {}});
 
   const float *pgo = grad_out.data_ptr<float>(), *px = x.data_ptr<float>(), *pw = weight.data_ptr<float>();
   const float *h1 = h1_all.data_ptr<float>(), *h3 = swiglu ? h3_all.data_ptr<float>() : nullptr;

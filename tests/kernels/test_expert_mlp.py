@@ -239,6 +239,32 @@ def test_extension_sums_rows_that_share_a_source_row_within_one_expert(monkeypat
         torch.testing.assert_close(fused_grads[name], value, atol=1e-5, rtol=1e-5, msg=f"grad of {name}")
 
 
+@pytest.mark.parametrize("mode", [-1, 1, 0])
+def test_cpu_kernel_is_bitwise_deterministic_with_two_threads(monkeypatch, mode):
+    """The same inputs give bitwise the same output and gradients on every run at a given thread
+    count: which thread runs which expert, and so the order in which each token's contributions are
+    summed, depends only on the row counts. Many experts of uneven sizes, with tokens chosen by
+    several experts each (as top-k routing does), so a schedule decided at run time would show."""
+    assert cpu_extension.load() is not None, cpu_extension.build_error()
+    monkeypatch.setattr(EXPERT_MLP, "UNIT_PARALLEL", mode)
+    counts = [37, 5, 61, 12, 0, 44, 29, 3, 58, 21, 16, 40]
+    row_index, offsets, tensors = _case(counts, 48, 40, "swiglu", 64, seed=5)
+    grad = torch.randn(64, 48)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for _ in range(12):
+            out, grads = _run(lambda *a: kernels.expert_mlp(*a, backend="torch"), row_index, offsets, tensors, grad)
+            _ran_on(out, "_ExtensionExpertMLPBackward")
+            runs.append([out.detach().clone()] + [g.clone() for g in grads.values() if g is not None])
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for first, again in zip(runs[0], run):
+            assert torch.equal(first, again)
+
+
 def test_extension_rejects_indices_it_would_read_out_of_bounds():
     """Rows and offsets are checked before any raw-pointer loop reads them: one clear error each."""
     extension = cpu_extension.load()
