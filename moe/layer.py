@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -48,8 +49,10 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # [T, d]
-        routing = self.router(tokens, self.active_experts)
-        rows, state = self.dispatcher.dispatch(tokens, routing)
+        routing = self.router(tokens, self.active_experts)  # fp32 gate weights
+        # the one cast of the gate weights to the experts' dtype; the router's side stays fp32
+        to_experts = dataclasses.replace(routing, weights=routing.weights.to(self.experts.w1.dtype))
+        rows, state = self.dispatcher.dispatch(tokens, to_experts)
         out = self.dispatcher.combine(self.experts(rows), state)  # [T, d]
         losses = [loss for loss in (routing.aux_loss, routing.z_loss) if loss is not None]
         self._losses = sum(losses) if losses else None

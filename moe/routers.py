@@ -8,10 +8,19 @@ comes from:
   from a CPU generator seeded by (router_seed, layer index). It is saved in checkpoints, is the same
   on every rank without communication, never gets a gradient and is never seen by an optimizer.
 
-Both compute ``scores = softmax(logits)`` or ``sigmoid(logits)`` in fp32, select the top-k of
-``scores + expert_bias`` (the bias only when bias balancing is on) and weight the chosen experts by
-the *unbiased* scores, renormalised over the k if ``normalize_topk``. With softmax and
-``normalize_topk`` the weights equal a softmax over the k selected logits, SMoE-Dropout's rule.
+Both select the top-k of ``scores + expert_bias`` (the bias only when bias balancing is on) and
+weight the chosen experts by the *unbiased* scores, renormalised over the k if ``normalize_topk``.
+With softmax and ``normalize_topk`` the weights equal a softmax over the k selected logits,
+SMoE-Dropout's rule.
+
+Precision (Megatron-core's ``moe_router_dtype="fp32"``): whatever the model's dtype, the logits,
+scores, top-k, gate weights and the router's gradient are computed in fp32 (:func:`router_logits`
+upcasts inside one autograd function, so no fp32 copy of the tokens is kept for backward), and the
+router weight itself stays fp32 when the module is cast with ``.to(torch.bfloat16)``/``.half()``,
+as the expert bias and the fixed random gate do: a bf16 model routes its tokens as the fp32 model
+with the same weights would. (DeepSpeed's bf16 engine casts every parameter itself; there the
+router weight is bf16-valued, its fp32 master copy lives in the optimizer, and the arithmetic is
+still fp32.) The MoE layer casts the gate weights once, to the experts' dtype, before dispatch.
 """
 
 from __future__ import annotations
@@ -74,6 +83,30 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids, dtype=torch.int64))
 
 
+class _RouterLogits(torch.autograd.Function):
+    """``x @ weight.T`` in fp32 for inputs of any float dtype; the gradients are computed in fp32 and
+    returned in the inputs' own dtypes. The inputs are saved as they are (a bf16 ``x`` stays bf16
+    between forward and backward) and upcast again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.float(), weight.float())
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        x, weight = ctx.saved_tensors
+        grad_logits = grad_logits.float()
+        grad_x = (grad_logits @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_logits.t() @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``[T, E]`` fp32 logits of ``x [T, d]`` against the gate ``weight [E, d]``, computed in fp32."""
+    return _RouterLogits.apply(x, weight)
+
+
 def random_router_seed(router_seed: int, layer_idx: int) -> int:
     """Seed of layer ``layer_idx``'s fixed random router (distinct per layer)."""
     return router_seed * 1_000_003 + layer_idx
@@ -106,23 +139,29 @@ class TopKRouter(nn.Module):
         return isinstance(self.weight, nn.Parameter)
 
     def _apply(self, fn, recurse=True):
-        # Keep fp32 state fp32 through model.to(bf16)/half(): the bias moves in steps of ~1e-3 and
-        # the frozen gate must stay bit-identical everywhere.
-        keep = {name: getattr(self, name) for name in ("expert_bias", "weight") if self._keeps_fp32(name)}
+        # Keep the router fp32 through model.to(bf16)/half(): the bias moves in steps of ~1e-3, the
+        # frozen gate must stay bit-identical everywhere, and a learned gate rounded to bf16 would
+        # send some tokens to other experts than the fp32 model with the same weights does.
+        keep = {name: tensor for name in ("expert_bias", "weight")
+                if (tensor := getattr(self, name, None)) is not None and tensor.dtype == torch.float32}
+        keep = {name: (tensor.data if isinstance(tensor, nn.Parameter) else tensor) for name, tensor in keep.items()}
         super()._apply(fn, recurse)
         for name, original in keep.items():
             current = getattr(self, name)
-            if current.dtype != torch.float32:
+            if current.dtype == torch.float32 or not current.is_floating_point():
+                continue
+            if isinstance(current, nn.Parameter):  # same Parameter object: its values, not a rounded copy
+                current.data = original.to(device=current.device)
+                if current.grad is not None:
+                    current.grad = current.grad.float()
+            else:
                 setattr(self, name, original.to(device=current.device))
         return self
-
-    def _keeps_fp32(self, name: str) -> bool:
-        return name in self._buffers and self._buffers[name] is not None
 
     def forward(self, x: torch.Tensor, k: int) -> Routing:
         """Route ``x [T, d]`` to ``k`` experts each."""
         cfg = self.config
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        logits = router_logits(x, self.weight)  # [T, E], fp32
         scores = torch.softmax(logits, dim=-1) if cfg.score_function == "softmax" else torch.sigmoid(logits)
         selection = scores.detach()
         if self.expert_bias is not None:

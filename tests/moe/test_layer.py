@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -134,3 +136,32 @@ def test_layer_runs_in_bfloat16_and_keeps_router_state_fp32():
     assert layer.experts.w1.dtype == torch.bfloat16
     y = layer(torch.randn(6, 8, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+@pytest.mark.parametrize("backend", ["loop", "torch"])
+def test_bf16_layer_routes_and_differentiates_the_router_as_the_fp32_layer_does(backend):
+    """Under bf16 the router works in fp32 (logits, scores, top-k, gate weights and its gradient,
+    as Megatron-core's ``moe_router_dtype="fp32"``) and its learned weight stays fp32 through
+    ``.to(torch.bfloat16)``. Against the fp32 layer it was cast from, on the same (bf16) tokens,
+    every token picks the same experts and the router's gradient is within 1% (a router weight
+    rounded to bf16 sends a few tokens elsewhere, and that alone moves the gradient by several percent)."""
+    torch.manual_seed(0)
+    reference = MoELayer(MoEConfig(hidden_size=256, ffn_hidden_size=512, num_experts=8, top_k=2, router="learned",
+                                   balance="aux_loss", expert_backend=backend))
+    layer = copy.deepcopy(reference).to(torch.bfloat16)
+    assert layer.router.weight.dtype == torch.float32 and layer.experts.w1.dtype == torch.bfloat16
+    assert isinstance(layer.router.weight, torch.nn.Parameter)
+    tokens = torch.randn(4096, 256).to(torch.bfloat16)
+    x16, x32 = tokens.clone().requires_grad_(), tokens.float().requires_grad_()
+    y16, y32 = layer(x16), reference(x32)
+    assert y16.dtype == torch.bfloat16
+    grad = torch.randn(4096, 256)
+    (y16.float() * grad).sum().backward()
+    (y32 * grad).sum().backward()
+    assert torch.equal(layer.last_routing.indices, reference.last_routing.indices)
+    assert layer.last_routing.weights.dtype == torch.float32
+    torch.testing.assert_close(layer.last_routing.weights, reference.last_routing.weights, atol=0, rtol=0)
+    g16, g32 = layer.router.weight.grad, reference.router.weight.grad
+    assert g16.dtype == torch.float32
+    assert float((g16 - g32).norm() / g32.norm()) < 0.01
+    assert float((g16 - g32).abs().max()) < 0.01 * float(g32.abs().max())
