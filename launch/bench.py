@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.errors import UserError
+
 DEFAULT_SHAPES = "256,512,8,2;256,128,64,6;512,1024,16,1"
 WARMUP = 2
 COLUMNS = (  # (key, header, definition)
@@ -97,12 +99,12 @@ def parse_shapes(text: str, fields: str = "d,f,E,k") -> list[tuple[int, ...]]:
         except ValueError:
             shape = ()
         if len(shape) != count or min(shape) < 1:
-            raise ValueError(f'--shapes: {item!r} is not "{fields}" with {words} positive integers')
+            raise UserError(f'--shapes: {item!r} is not "{fields}" with {words} positive integers')
         if shape[3] > shape[2]:
-            raise ValueError(f"--shapes: {item!r} has k={shape[3]} > E={shape[2]} (each token's k experts are distinct)")
+            raise UserError(f"--shapes: {item!r} has k={shape[3]} > E={shape[2]} (each token's k experts are distinct)")
         shapes.append(shape)
     if not shapes:
-        raise ValueError(f'--shapes: no shape given; expected "{fields};..."')
+        raise UserError(f'--shapes: no shape given; expected "{fields};..."')
     return shapes
 
 
@@ -342,7 +344,7 @@ def _print_table(rows: list[dict]) -> None:
 def _run_layer(args: argparse.Namespace) -> int:
     shapes = parse_shapes(args.shapes)
     if args.tokens < 1 or args.repeats < 1:
-        raise ValueError(f"--tokens and --repeats must be >= 1, got {args.tokens} and {args.repeats}")
+        raise UserError(f"--tokens and --repeats must be >= 1, got {args.tokens} and {args.repeats}")
     threads, previous_threads = os.cpu_count() or 1, torch.get_num_threads()
     torch.set_num_threads(threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

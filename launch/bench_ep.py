@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from moe.errors import UserError
+
 CONFIGS = {
     "tiny": ["model.moe.k_schedule=constant"],
     "fine-grained": ["model.moe.num_experts=64", "model.moe.top_k=6", "model.moe.ffn_hidden_size=32",
@@ -61,7 +63,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from parallel.engine import free_port
 
     if args.steps < 1 or args.warmup < 0:
-        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+        raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench_ep.json"
         env = dict(os.environ)
@@ -106,6 +108,7 @@ def print_report(report: dict) -> None:
 def _measure(name: str, overrides: list, ep: int, steps: int, warmup: int, rank: int, world: int) -> dict:
     from launch.config import load_run_config
     from moe import MoETransformer, collect_aux_losses, moe_layers, update_expert_biases
+    from moe.devices import collective_device
     from parallel.engine import build_engine
     from parallel.expert_parallel import apply_expert_parallel, exchange_stats
     from parallel.groups import expert_parallel_groups
@@ -134,12 +137,12 @@ def _measure(name: str, overrides: list, ep: int, steps: int, warmup: int, rank:
         update_expert_biases(model, group=dist.group.WORLD)
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=collective_device())
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank ends
         if step >= warmup:
             times.append(float(elapsed))
     counted = exchange_stats(model)
-    stats = torch.tensor([counted["seconds"], counted["bytes_sent"]], dtype=torch.float64)
+    stats = torch.tensor([counted["seconds"], counted["bytes_sent"]], dtype=torch.float64, device=collective_device())
     dist.all_reduce(stats)
     moe = cfg.model.moe
     num_moe_layers = len(list(moe_layers(model)))

@@ -46,6 +46,8 @@ from typing import Callable, Optional
 
 import torch
 
+from moe.errors import UserError
+
 DEFAULT_SHAPES = "4096,14336,8,2,16384;2048,1408,64,6,16384"  # Mixtral-like; DeepSeek-like fine-grained
 BACKENDS = ("triton", "torch", "loop")
 ROUTINGS = ("uniform", "skewed")
@@ -113,7 +115,7 @@ def parse_choices(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     chosen = [item.strip() for item in text.split(",") if item.strip()]
     unknown = [item for item in chosen if item not in allowed]
     if unknown or not chosen:
-        raise ValueError(f"{flag}: {text!r} is not a comma-separated list of {', '.join(allowed)}")
+        raise UserError(f"{flag}: {text!r} is not a comma-separated list of {', '.join(allowed)}")
     return list(dict.fromkeys(chosen))
 
 
@@ -124,7 +126,7 @@ def expert_popularity(num_experts: int, routing: str, exponent: float = ZIPF_EXP
     elif routing == "skewed":
         weights = torch.arange(1, num_experts + 1, dtype=torch.float64).pow(-exponent)
     else:
-        raise ValueError(f"routing {routing!r} is not one of {ROUTINGS}")
+        raise UserError(f"routing {routing!r} is not one of {ROUTINGS}")
     return weights / weights.sum()
 
 
@@ -133,7 +135,7 @@ def make_routing(tokens: int, num_experts: int, top_k: int, routing: str, seed: 
     """Synthetic top-k routing on CPU: (indices [T, k] int64, distinct per token; weights [T, k] fp32,
     a softmax over k standard normals per token). Seeded; see the module docstring for the two laws."""
     if top_k > num_experts:
-        raise ValueError(f"top_k={top_k} > num_experts={num_experts}")
+        raise UserError(f"top_k={top_k} > num_experts={num_experts}")
     generator = torch.Generator().manual_seed(seed)
     popularity = expert_popularity(num_experts, routing, exponent).float()
     indices = torch.multinomial(popularity.expand(tokens, -1).contiguous(), top_k, replacement=False,
@@ -268,7 +270,7 @@ def add_parser(which: argparse._SubParsersAction) -> None:
 
 def require_cuda() -> None:
     if not torch.cuda.is_available():
-        raise ValueError(f"moe bench kernels needs a CUDA GPU; torch.cuda.is_available() is False here (torch "
+        raise UserError(f"moe bench kernels needs a CUDA GPU; torch.cuda.is_available() is False here (torch "
                          f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
 
 
@@ -468,7 +470,7 @@ def run(args: argparse.Namespace) -> int:
     backends = parse_choices(args.backends, BACKENDS, "--backends")
     routings = parse_choices(args.routings, ROUTINGS, "--routings")
     if args.repeats < 1 or args.warmup < 0:
-        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+        raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     require_cuda()
     try:
         import triton

@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from moe.errors import UserError
+
 
 def add_parser(which: argparse._SubParsersAction) -> None:
     parser = which.add_parser("quant", help="quantization calibration wall time with 1 and 2 Ray workers")
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         workers = []
     if not workers or min(workers) < 1:
-        raise ValueError(f"--workers {args.workers!r} is invalid: expected a list of positive integers, e.g. 1,2")
+        raise UserError(f"--workers {args.workers!r} is invalid: expected a list of positive integers, e.g. 1,2")
     options = QuantizeOptions(method=args.method, bits=args.bits, calib=args.calib, agq=not args.no_agq,
                               experts=args.experts, num_sequences=args.num_sequences, seq_len=args.seq_len,
                               shards=args.shards)

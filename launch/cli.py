@@ -18,7 +18,9 @@
     moe bench kernels                        expert MLP backends vs dense matmuls of equal FLOPs (CUDA, bf16)
     moe config CONFIG [--set k=v]            validate a run config, print it and its parameter counts
 
-Errors a user can cause print one line on stderr and exit with status 2.
+Mistakes a user can fix (a config value, a path, a flag: :class:`moe.errors.UserError`) print one
+line on stderr and exit with status 2. Anything else is not the user's mistake: it propagates with
+its traceback (exit status 1). Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -26,9 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit status 2."""
+from moe.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError) as err:
+    except UserError as err:
         print(f"moe {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

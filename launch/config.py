@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from moe import ModelConfig
+from moe.errors import UserError
 from moe.validation import check_choice, check_int, check_number, fail, from_dict
 
 
@@ -158,26 +159,26 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
-            raise ValueError(
+            raise UserError(
                 f"train.seq_len={self.train.seq_len!r} is invalid: at most model.max_seq_len ({self.model.max_seq_len})"
             )
         ep, experts = self.parallel.expert_parallel_size, self.model.moe.num_experts
         if experts % ep:
-            raise ValueError(
+            raise UserError(
                 f"parallel.expert_parallel_size={ep} is invalid: it must divide model.moe.num_experts ({experts})"
             )
         if not isinstance(self.deepspeed, dict):
-            raise ValueError(f"deepspeed={self.deepspeed!r} is invalid: expected a mapping (a DeepSpeed config)")
+            raise UserError(f"deepspeed={self.deepspeed!r} is invalid: expected a mapping (a DeepSpeed config)")
         owned = sorted(set(TRAINER_OWNED_DEEPSPEED_KEYS) & set(self.deepspeed))
         if owned:
-            raise ValueError(
+            raise UserError(
                 f"deepspeed.{owned[0]} is set by the trainer from train.{TRAINER_OWNED_DEEPSPEED_KEYS[owned[0]]}; "
                 "remove it from the deepspeed section"
             )
         zero = self.deepspeed.get("zero_optimization", {})
         stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
         if stage not in (0, 1, 2):
-            raise ValueError(f"deepspeed.zero_optimization.stage={stage!r} is invalid: expected 0, 1 or 2")
+            raise UserError(f"deepspeed.zero_optimization.stage={stage!r} is invalid: expected 0, 1 or 2")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -205,7 +206,7 @@ def _section(cls, values: Any, name: str):
     if values is None:
         return cls()
     if not isinstance(values, Mapping):
-        raise ValueError(f"{name}: expected a mapping, got {type(values).__name__}")
+        raise UserError(f"{name}: expected a mapping, got {type(values).__name__}")
     return from_dict(cls, values, owner=name)
 
 
@@ -213,7 +214,7 @@ def run_config_from_dict(values: Mapping[str, Any]) -> RunConfig:
     known = set(SECTIONS) | {"deepspeed", "out_dir"}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown top-level key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise UserError(f"unknown top-level key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     sections = {name: _section(cls, values.get(name), name) for name, cls in SECTIONS.items()}
     deepspeed = values.get("deepspeed") or {}
     return RunConfig(**sections, deepspeed=deepspeed, out_dir=str(values.get("out_dir", RunConfig.out_dir)))
@@ -222,18 +223,18 @@ def run_config_from_dict(values: Mapping[str, Any]) -> RunConfig:
 def apply_override(values: dict, assignment: str) -> None:
     """Apply ``section.key=value`` (any depth) to the raw mapping ``values`` in place."""
     if "=" not in assignment:
-        raise ValueError(f"--set {assignment!r}: expected section.key=value")
+        raise UserError(f"--set {assignment!r}: expected section.key=value")
     dotted, raw = assignment.split("=", 1)
     keys = dotted.strip().split(".")
     if not all(keys):
-        raise ValueError(f"--set {assignment!r}: empty key in {dotted!r}")
+        raise UserError(f"--set {assignment!r}: empty key in {dotted!r}")
     node = values
     for key in keys[:-1]:
         child = node.get(key)
         if child is None:
             child = node[key] = {}
         if not isinstance(child, dict):
-            raise ValueError(f"--set {assignment!r}: {key!r} is not a section")
+            raise UserError(f"--set {assignment!r}: {key!r} is not a section")
         node = child
     node[keys[-1]] = _parse_yaml(raw) if raw.strip() else None
 
@@ -242,13 +243,13 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfi
     """Read a YAML run config, apply ``--set`` overrides, validate everything."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
+        raise UserError(f"config file {str(path)!r} does not exist")
     try:
         values = _parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
+        raise UserError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
+        raise UserError(f"{path}: expected a mapping at the top level")
     for assignment in overrides:
         apply_override(values, assignment)
     for dotted in REQUIRED_KEYS:
@@ -256,8 +257,8 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfi
         for key in dotted.split("."):
             node = node.get(key) if isinstance(node, dict) else None
         if node is None:
-            raise ValueError(f"{path}: missing key {dotted!r} (a run config must describe the model and the training)")
+            raise UserError(f"{path}: missing key {dotted!r} (a run config must describe the model and the training)")
     try:
         return run_config_from_dict(values)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise UserError(f"{path}: {err}") from None

@@ -23,13 +23,15 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
+from moe.errors import UserError
+
 BYTE_VOCAB = 256
 DOC_SEPARATOR = b"\x00"
 CACHE_VERSION = 1
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data source the user named cannot be used (missing, empty, malformed)."""
 
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from launch.data import prepare_corpus, validation_batches
+from moe.errors import UserError
 
 
 @torch.no_grad()
@@ -45,26 +46,35 @@ def evaluate(
     device = next(model.parameters()).device
     layers = dict(moe_layers(model))
     meter = LoadMeter(model)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no sync per batch
     count = 0
     start = time.perf_counter()
     for inputs, labels in validation_batches(tokens, seq_len, batch_size, max_batches, rank, world_size):
         _, loss = model(inputs.to(device), labels=labels.to(device))
-        loss_sum += loss.double().cpu() * labels.numel()
+        loss_sum += loss.detach().double() * labels.numel()
         count += labels.numel()
         meter.update()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
-    loads = meter.stacked_load()  # [L, E]
-    totals = torch.tensor([float(loss_sum), float(count), float(meter.dropped), float(meter.assignments)], dtype=torch.float64)
-    seconds = torch.tensor([elapsed], dtype=torch.float64)
+    # the sums go to the process group's device (CUDA under NCCL) in one tensor, then to the host once
+    where = device
     if world_size > 1:
-        dist.all_reduce(totals)
+        from moe.devices import collective_device
+
+        where = collective_device()
+    loads = meter.stacked_load().to(where)  # [L, E]
+    totals = torch.tensor([0.0, count, meter.dropped, meter.assignments, elapsed], dtype=torch.float64, device=where)
+    totals[:1].copy_(loss_sum.reshape(1))
+    if world_size > 1:
+        dist.all_reduce(totals[:4])
         dist.all_reduce(loads)
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        dist.all_reduce(totals[4:], op=dist.ReduceOp.MAX)
+    loads = loads.cpu()
     model.train(was_training)
-    loss_total, tokens_total, dropped, assignments = totals.tolist()
+    loss_total, tokens_total, dropped, assignments, seconds = totals.tolist()
     if tokens_total == 0:
-        raise ValueError(f"the validation split has fewer than {seq_len + 1} tokens: nothing to evaluate")
+        raise UserError(f"the validation split has fewer than {seq_len + 1} tokens: nothing to evaluate")
     mean_loss = loss_total / tokens_total
     per_layer = {name: max_violation(load) for name, load in zip(layers, loads)}
     return {
@@ -80,21 +90,30 @@ def evaluate(
     }
 
 
-def load_model_for_eval(path: str) -> tuple[nn.Module, dict]:
-    """(model in eval mode, the data config it was trained with or {}) from an export or a checkpoint."""
+def load_model_for_eval(path: str, device=None) -> tuple[nn.Module, dict]:
+    """(model in eval mode on ``device``, the data config it was trained with or {}) from an export
+    or a checkpoint. ``device``: None for the GPU when there is one, else the CPU."""
     from moe import load_pretrained
+    from moe.devices import resolve_device
     from moe.pretrained import CONFIG_NAME
     from parallel.checkpoint import model_from_checkpoint
 
+    device = resolve_device(device)
     root = Path(path)
     if (root / CONFIG_NAME).is_file():
-        model = load_pretrained(root)
+        model = load_pretrained(root, device=device)
         meta = json.loads((root / CONFIG_NAME).read_text())
         return model, meta.get("data") or {}
     if not root.exists():
-        raise ValueError(f"model path {path!r} does not exist")
+        raise UserError(f"model path {path!r} does not exist")
     model, run_config, _ = model_from_checkpoint(root)
-    return model, run_config.get("data") or {}
+    return model.to(device), run_config.get("data") or {}
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``, the same for every command that runs a model."""
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda or cuda:N (default auto: the GPU when there is one, else the CPU)")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -107,6 +126,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's max)")
     parser.add_argument("--cache-dir", default=None, help="tokenised-corpus cache (default: as in training)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    add_device_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -118,17 +138,20 @@ def evaluate_path(
     batches: int = 32,
     batch_size: int = 16,
     seq_len: Optional[int] = None,
+    device=None,
 ) -> dict:
-    """Programmatic ``moe eval``: :func:`evaluate` on the model at ``path`` (export or checkpoint)."""
+    """Programmatic ``moe eval``: :func:`evaluate` on the model at ``path`` (export or checkpoint),
+    on ``device`` (None: the GPU when there is one)."""
     from moe import set_active_experts
+    from moe.devices import describe_device
 
     for name, value in (("batches", batches), ("batch-size", batch_size)):
         if value < 1:
-            raise ValueError(f"--{name} must be >= 1, got {value}")
-    model, trained_on = load_model_for_eval(path)
+            raise UserError(f"--{name} must be >= 1, got {value}")
+    model, trained_on = load_model_for_eval(path, device)
     seq_len = seq_len or model.config.max_seq_len
     if not 1 <= seq_len <= model.config.max_seq_len:
-        raise ValueError(f"--seq-len {seq_len} is invalid: expected 1..{model.config.max_seq_len} (the model's max_seq_len)")
+        raise UserError(f"--seq-len {seq_len} is invalid: expected 1..{model.config.max_seq_len} (the model's max_seq_len)")
     if k is not None:
         set_active_experts(model, k)
     splits = prepare_corpus(
@@ -137,15 +160,18 @@ def evaluate_path(
         trained_on.get("val_permille", 50) if data is None else 50,
     )
     result = evaluate(model, splits.val, seq_len, batch_size, batches)
-    result.update(model=str(path), num_experts=model.config.moe.num_experts, seq_len=seq_len)
+    result.update(model=str(path), num_experts=model.config.moe.num_experts, seq_len=seq_len,
+                  device=describe_device(next(model.parameters()).device))
     return result
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate_path(args.model, args.k, args.data, args.cache_dir, args.batches, args.batch_size, args.seq_len)
+    result = evaluate_path(args.model, args.k, args.data, args.cache_dir, args.batches, args.batch_size, args.seq_len,
+                           args.device)
     ks = result["k"]
     k_text = str(ks[0]) if len(set(ks)) == 1 else str(ks)
     print(f"model      {result['model']}")
+    print(f"device     {result['device']}")
     print(f"k          {k_text} of {result['num_experts']} experts")
     print(f"tokens     {result['tokens']:,} validation tokens ({result['seq_len']} per sequence)")
     print(f"val loss   {result['loss']:.4f}")

@@ -32,6 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moe.errors import UserError
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = {
     "slimming": [("smoe_dropout", "configs/tiny.yaml"), ("learned_k2", "configs/learned_aux.yaml")],
@@ -127,7 +129,7 @@ def markdown(rows: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1 or args.batches < 1:
-        raise ValueError(f"--nproc and --batches must be >= 1, got {args.nproc} and {args.batches}")
+        raise UserError(f"--nproc and --batches must be >= 1, got {args.nproc} and {args.batches}")
     out = Path(args.out or f"runs/exp_{args.name}")
     out.mkdir(parents=True, exist_ok=True)
     exports = {label: _train_and_export(label, config, out, args.nproc, run_overrides(label, args.scale, args.overrides))

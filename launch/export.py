@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moe.errors import UserError
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("export", help="write a checkpoint's model as safetensors + JSON config")
@@ -29,7 +31,7 @@ def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False) -> Pat
     root, tag = resolve(checkpoint)
     target = Path(out)
     if not overwrite and ((target / CONFIG_NAME).exists() or (target / WEIGHTS_NAME).exists()):
-        raise ValueError(f"{str(target)!r} already holds an exported model; pass --overwrite to replace it")
+        raise UserError(f"{str(target)!r} already holds an exported model; pass --overwrite to replace it")
     model, run_config, tag = model_from_checkpoint(root / tag)
     source = {"checkpoint": str(root / tag), "step": int(tag.removeprefix("step"))}
     return save_pretrained(model, target, metadata={"data": run_config.get("data"), "source": source})

@@ -11,6 +11,9 @@ import time
 
 import torch
 
+from launch.evaluate import add_device_argument
+from moe.errors import UserError
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("generate", help="generate text at a chosen number of active experts")
@@ -26,34 +29,38 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely bytes (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_device_argument(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from launch.evaluate import load_model_for_eval
+    from moe.devices import describe_device
 
     prompt = args.prompt.encode("utf-8")
     if not prompt:
-        raise ValueError("--prompt is empty: give at least one character to continue")
-    model, _ = load_model_for_eval(args.model)
+        raise UserError("--prompt is empty: give at least one character to continue")
+    model, _ = load_model_for_eval(args.model, args.device)
+    device = next(model.parameters()).device
     experts = _resolve_experts(args)
     if model.config.vocab_size < 256:
-        raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is not byte-level (256)")
+        raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is not byte-level (256)")
     budget = model.config.max_seq_len - len(prompt)
     if budget < 1:
-        raise ValueError(f"the prompt is {len(prompt)} bytes; the model reads at most {model.config.max_seq_len}")
+        raise UserError(f"the prompt is {len(prompt)} bytes; the model reads at most {model.config.max_seq_len}")
     new_tokens = min(args.max_new_tokens, budget)
-    input_ids = torch.tensor([list(prompt)], dtype=torch.long)
+    input_ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
     start = time.perf_counter()
     output = model.generate(input_ids, new_tokens, active_experts=experts, temperature=args.temperature,
-                            top_k=args.top_k, generator=torch.Generator().manual_seed(args.seed))
+                            top_k=args.top_k, generator=torch.Generator(device=device).manual_seed(args.seed))
+    output = output.cpu()  # waits for the device
     elapsed = time.perf_counter() - start
     text = bytes(output[0, len(prompt):].tolist()).decode("utf-8", errors="replace")
     ks = [block.ffn.active_experts for block in model.blocks if hasattr(block.ffn, "active_experts")]
     k = experts if experts is not None else (ks[0] if len(set(ks)) == 1 else ks)
     print(args.prompt + text)
     print(f"-- {new_tokens} bytes at k={k} of {model.config.moe.num_experts} experts, "
-          f"{new_tokens / max(elapsed, 1e-9):,.0f} bytes/s (KV cache)")
+          f"{new_tokens / max(elapsed, 1e-9):,.0f} bytes/s (KV cache) on {describe_device(device)}")
     return 0
 
 
@@ -64,9 +71,9 @@ def _resolve_experts(args: argparse.Namespace):
         return None
     if args.experts == "auto":
         if args.budget_ms_per_token is None and args.budget_flops is None:
-            raise ValueError("--experts auto needs --budget-ms-per-token or --budget-flops")
+            raise UserError("--experts auto needs --budget-ms-per-token or --budget-flops")
         return pick_k(load_sweep(args.model), args.budget_ms_per_token, args.budget_flops)
     try:
         return int(args.experts)
     except ValueError:
-        raise ValueError(f"--experts {args.experts!r} is invalid: expected an integer k or 'auto'") from None
+        raise UserError(f"--experts {args.experts!r} is invalid: expected an integer k or 'auto'") from None

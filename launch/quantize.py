@@ -45,6 +45,8 @@ from typing import Optional
 
 import torch
 
+from moe.errors import UserError
+
 PARTIAL_DIR = ".partial"
 FAULT_ENV = "MOE_QUANT_FAULT_KILL_ONCE"
 """Fault injection for tests: the first task that manages to create this file kills its own worker
@@ -100,17 +102,17 @@ class QuantizeOptions:
         choices = {"method": ("rtn", "gptq"), "calib": ("random", "ebss")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} {getattr(self, name)!r} is invalid: expected one of {', '.join(allowed)}")
+                raise UserError(f"--{name} {getattr(self, name)!r} is invalid: expected one of {', '.join(allowed)}")
         QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
         positive = {"ebss_width": self.ebss_width, "shards": self.shards, "block_size": self.block_size}
         for name, value in {**positive, "num_sequences": self.num_sequences, "seq_len": self.seq_len,
                             "experts": self.experts}.items():
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"--{name.replace('_', '-')} {value!r} is invalid: expected an integer >= 1")
+                raise UserError(f"--{name.replace('_', '-')} {value!r} is invalid: expected an integer >= 1")
         if not self.ebss_tau > 0 or not 0 <= self.percdamp:
-            raise ValueError(f"--ebss-tau {self.ebss_tau} must be > 0 and --percdamp {self.percdamp} >= 0")
+            raise UserError(f"--ebss-tau {self.ebss_tau} must be > 0 and --percdamp {self.percdamp} >= 0")
         if self.method == "rtn" and self.agq:
-            raise ValueError("--agq weights GPTQ's Hessians by the gates; it needs --method gptq")
+            raise UserError("--agq weights GPTQ's Hessians by the gates; it needs --method gptq")
 
     @property
     def spec(self):
@@ -145,7 +147,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     if address in ("auto", "local"):
         return
     if address.startswith(("http://", "https://")):
-        raise ValueError(
+        raise UserError(
             f"--ray-address {address!r} is a dashboard (Jobs API) address; give the cluster's GCS address, e.g. "
             f"HEAD:6379, or submit the whole command with `ray job submit --address {address} -- moe quantize ...`"
         )
@@ -156,12 +158,12 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         port_number = int(port)
     except ValueError:
-        raise ValueError(f"--ray-address {address!r} is invalid: expected HOST:PORT or ray://HOST:PORT") from None
+        raise UserError(f"--ray-address {address!r} is invalid: expected HOST:PORT or ray://HOST:PORT") from None
     try:
         with socket.create_connection((host, port_number), timeout=timeout):
             pass
     except OSError as err:
-        raise ValueError(
+        raise UserError(
             f"cannot reach a Ray cluster at {address!r} ({err.strerror or err}); is `ray start --head` running "
             f"there and is port {port_number} open?"
         ) from None
@@ -186,7 +188,7 @@ def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None):
         try:
             ray.init(address=address, runtime_env=runtime_env, logging_level="ERROR")
         except Exception as err:  # noqa: BLE001 - any failure to join is the user's cluster problem
-            raise ValueError(f"cannot join the Ray cluster at {address!r}: {type(err).__name__}: {err}") from None
+            raise UserError(f"cannot join the Ray cluster at {address!r}: {type(err).__name__}: {err}") from None
     else:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                  runtime_env=runtime_env, logging_level="ERROR")
@@ -222,13 +224,13 @@ def _model_from(config: dict, state: dict, active_experts):
     return model.eval()
 
 
-def _ebss_task(config, state, active_experts, first_tokens, seq_len, width, tau):
+def _ebss_task(config, state, active_experts, first_tokens, seq_len, width, tau, device):
     from moe.quant import ebss_generate
 
     _maybe_die()
     _one_thread()
-    model = _model_from(config, state, active_experts)
-    return ebss_generate(model, len(first_tokens), seq_len, width=width, tau=tau, first_tokens=first_tokens)
+    model = _model_from(config, state, active_experts).to(device)
+    return ebss_generate(model, len(first_tokens), seq_len, width=width, tau=tau, first_tokens=first_tokens).cpu()
 
 
 def _embed_task(embed_weight, input_ids):
@@ -238,47 +240,79 @@ def _embed_task(embed_weight, input_ids):
     return embed_tokens(embed_weight, input_ids)
 
 
-def _capture_task(config, layer_idx, state, active_experts, hidden, stage, agq):
+def _capture_task(config, layer_idx, state, active_experts, hidden, stage, agq, device):
     from moe import ModelConfig
     from moe.quant.calibrate import block_rotary, build_block, capture_hessians
 
     _maybe_die()
     _one_thread()
     model_config = ModelConfig.from_dict(config)
-    block = build_block(model_config, layer_idx, state, active_experts)
-    return capture_hessians(block, hidden, block_rotary(model_config), stage, agq)
+    block = build_block(model_config, layer_idx, state, active_experts).to(device)
+    hessians = capture_hessians(block, hidden.to(device), block_rotary(model_config).to(device), stage, agq)
+    return {key: hessian.to("cpu") for key, hessian in hessians.items()}
 
 
-def _advance_task(config, layer_idx, state, active_experts, hidden):
+def _advance_task(config, layer_idx, state, active_experts, hidden, device):
     from moe import ModelConfig
     from moe.quant.calibrate import block_rotary, build_block, run_block
 
     _maybe_die()
     _one_thread()
     model_config = ModelConfig.from_dict(config)
-    return run_block(build_block(model_config, layer_idx, state, active_experts), hidden, block_rotary(model_config))
+    block = build_block(model_config, layer_idx, state, active_experts).to(device)
+    return run_block(block, hidden.to(device), block_rotary(model_config).to(device)).cpu()
 
 
-def _solve_task(weight, hessian, spec, block_size, percdamp, act_order):
+def _solve_task(weight, hessian, spec, block_size, percdamp, act_order, device):
     from moe.quant import gptq
 
     _maybe_die()
     _one_thread()
-    return gptq(weight, hessian, spec, block_size=block_size, percdamp=percdamp, act_order=act_order)
+    solved = gptq(weight.to(device), hessian.to(device), spec, block_size=block_size, percdamp=percdamp,
+                  act_order=act_order)
+    return solved.to("cpu")
+
+
+MODEL_TASKS = ("_ebss_task", "_capture_task", "_advance_task", "_solve_task")
+"""The tasks that run the model or GPTQ: on the calibration device (the rest is bookkeeping)."""
+GPUS_PER_TASK = 0.25
+"""A GPU task's share of one GPU: four shards' tasks run side by side on each GPU."""
+
+
+def calibration_device(ray, requested: Optional[str] = "auto") -> str:
+    """Where the calibration passes run: ``cuda`` when asked for, or by default when the Ray
+    cluster has GPUs; ``cpu`` otherwise. Asking for CUDA from a cluster without GPUs is a user error."""
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if requested in (None, "auto"):
+        return "cuda" if gpus > 0 else "cpu"
+    if requested.startswith("cuda"):
+        if gpus <= 0:
+            raise UserError(f"--device {requested}: the Ray cluster has no GPU (resources: "
+                            f"{ray.cluster_resources().get('CPU', 0):g} CPUs, no GPU)")
+        return "cuda"  # a task sees the GPU Ray gave it as cuda:0
+    if requested != "cpu":
+        raise UserError(f"--device {requested!r} is invalid: expected cpu, cuda or auto")
+    return "cpu"
 
 
 class Cluster:
-    """The Ray tasks of one quantization, counted as they are submitted (retries not included)."""
+    """The Ray tasks of one quantization, counted as they are submitted (retries not included). The
+    tasks of :data:`MODEL_TASKS` run on ``device``: each holds :data:`GPUS_PER_TASK` of a GPU
+    when that is CUDA, and moves its inputs there and its results back to the CPU."""
 
-    def __init__(self, ray):
+    def __init__(self, ray, device: str = "cpu"):
         self.ray = ray
+        self.device = device
         options = {"num_cpus": 1, "max_retries": TASK_RETRIES}
-        self._remote = {fn.__name__: ray.remote(**options)(fn)
+        gpu_options = {**options, "num_gpus": GPUS_PER_TASK} if device == "cuda" else options
+        self._remote = {fn.__name__: ray.remote(**(gpu_options if fn.__name__ in MODEL_TASKS else options))(fn)
                         for fn in (_ebss_task, _embed_task, _capture_task, _advance_task, _solve_task)}
         self.tasks = 0
 
     def submit(self, name: str, *args):
         self.tasks += 1
+        if name in MODEL_TASKS:
+            args = (*args, self.device)
         return self._remote[name].remote(*args)
 
     def get(self, refs):
@@ -299,7 +333,7 @@ def calibration_size(model, options: QuantizeOptions) -> tuple[int, int]:
     num_sequences, seq_len = default_calibration_size(model)
     num_sequences, seq_len = options.num_sequences or num_sequences, options.seq_len or seq_len
     if seq_len > model.config.max_seq_len:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+        raise UserError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     return num_sequences, seq_len
 
 
@@ -336,11 +370,15 @@ def make_calibration(model, meta: dict, options: QuantizeOptions, cluster: Optio
     return torch.cat(_gather(cluster, refs, "EBSS", progress))
 
 
-def calibration_sigma(model, input_ids: torch.Tensor) -> float:
-    """MoEQuant's expert-balance sigma of the calibration set under ``model``'s routing."""
+def calibration_sigma(model, input_ids: torch.Tensor, device: str = "cpu") -> float:
+    """MoEQuant's expert-balance sigma of the calibration set under ``model``'s routing, measured on
+    ``device`` (a copy of the model goes there; the caller's stays where it is)."""
+    import copy
+
     from moe.quant import expert_balance_sigma, expert_usage
 
-    return float(expert_balance_sigma(expert_usage(model, input_ids)))
+    runner = model if torch.device(device) == next(model.parameters()).device else copy.deepcopy(model).to(device)
+    return float(expert_balance_sigma(expert_usage(runner, input_ids)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,7 +428,7 @@ class Progress:
             saved = json.loads(job.read_text())
             if saved != key and not overwrite:
                 changed = sorted(name for name in set(saved) | set(key) if saved.get(name) != key.get(name))
-                raise ValueError(
+                raise UserError(
                     f"{str(out)!r} holds an unfinished quantization with other settings ({', '.join(changed)}); "
                     f"pass --overwrite to discard it or choose another --out"
                 )
@@ -478,6 +516,8 @@ class QuantizeResult:
     ray_tasks: int
     calibration_sigma: Optional[float]
     resumed_blocks: int = 0
+    device: str = "cpu"
+    """Where the calibration passes ran."""
 
 
 def quantize_model(
@@ -490,11 +530,13 @@ def quantize_model(
     overwrite: bool = False,
     calibration: Optional[torch.Tensor] = None,
     progress: bool = True,
+    device: Optional[str] = None,
 ) -> QuantizeResult:
     """Quantize the export at ``model_path`` into ``out`` (see the module docstring).
 
     ``calibration``: token ids ``[n, L]`` to calibrate on instead of building the set (``moe
-    quantize --compare`` builds each set once for all methods)."""
+    quantize --compare`` builds each set once for all methods). ``device``: where the calibration
+    passes run (:func:`calibration_device`; default: the cluster's GPUs when it has any)."""
     from moe import load_pretrained, set_active_experts
     from moe.pretrained import CONFIG_NAME, WEIGHTS_NAME, write_export
     from moe.quant import rtn
@@ -505,11 +547,11 @@ def quantize_model(
     target_dir = Path(out)
     if (target_dir / CONFIG_NAME).exists() or (target_dir / WEIGHTS_NAME).exists():
         if not overwrite:
-            raise ValueError(f"{str(target_dir)!r} already holds an exported model; pass --overwrite to replace it")
+            raise UserError(f"{str(target_dir)!r} already holds an exported model; pass --overwrite to replace it")
     meta = _read_export_meta(model_path)
     if meta.get("quantization"):
-        raise ValueError(f"{model_path!r} is already quantized ({meta['quantization'].get('method')}); quantize the full-precision export")
-    model = load_pretrained(model_path)
+        raise UserError(f"{model_path!r} is already quantized ({meta['quantization'].get('method')}); quantize the full-precision export")
+    model = load_pretrained(model_path, device="cpu")  # the driver's copy; the tasks move blocks to the device
     if options.experts is not None:
         set_active_experts(model, options.experts)
     config = model.config
@@ -527,12 +569,12 @@ def quantize_model(
         with ray_session(ray_address, ray_cpus) as ray:  # first: a cluster that cannot be reached leaves nothing behind
             target_dir.mkdir(parents=True, exist_ok=True)
             job = Progress(target_dir, {**options.key(), **_model_identity(model_path)}, overwrite)
-            cluster = Cluster(ray)
+            cluster = Cluster(ray, calibration_device(ray, device))
             input_ids = job.load_calibration()
             if input_ids is None:
                 input_ids = calibration if calibration is not None else make_calibration(model, meta, options, cluster, data, progress)
                 job.save_calibration(input_ids)
-            sigma = calibration_sigma(model, input_ids)
+            sigma = calibration_sigma(model, input_ids, cluster.device)
             parts = shard_slices(input_ids.shape[0], options.shards)
             hidden = [cluster.submit("_embed_task", state["embed.weight"], input_ids[part]) for part in parts]
             blocks = range(config.num_layers)
@@ -577,13 +619,15 @@ def quantize_model(
     quantization = {
         "format": QUANT_FORMAT, "method": options.method, "label": options.label, "spec": spec.to_dict(),
         "options": asdict(options), "tensors": entries, "calibration_sigma": sigma, "ray_tasks": tasks,
+        "calibration_device": cluster.device if options.method != "rtn" else None,
         "wall_s": round(wall, 3), "source": str(model_path),
     }
     extra = {key: meta[key] for key in ("data", "source") if key in meta}
     write_export(model, tensors, target_dir, {**extra, "quantization": quantization})
     if options.method != "rtn":
         job.finished()
-    return QuantizeResult(str(target_dir), options.label, wall, tasks, sigma, resumed)
+    return QuantizeResult(str(target_dir), options.label, wall, tasks, sigma, resumed,
+                          cluster.device if options.method != "rtn" else "cpu")
 
 
 def _model_identity(model_path: str) -> dict:
@@ -600,12 +644,12 @@ def _read_export_meta(model_path: str) -> dict:
 
     root = Path(model_path)
     if not (root / CONFIG_NAME).is_file() or not (root / WEIGHTS_NAME).is_file():
-        raise ValueError(f"{model_path!r} is not an exported model (expected {CONFIG_NAME} and {WEIGHTS_NAME}; "
+        raise UserError(f"{model_path!r} is not an exported model (expected {CONFIG_NAME} and {WEIGHTS_NAME}; "
                          f"`moe export CHECKPOINT OUT` makes one from a training checkpoint)")
     try:
         return json.loads((root / CONFIG_NAME).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{root / CONFIG_NAME}: not valid JSON ({err})") from None
+        raise UserError(f"{root / CONFIG_NAME}: not valid JSON ({err})") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -624,7 +668,8 @@ COMPARE_COLUMNS = ("bits", "method", "val_loss", "perplexity", "ppl_vs_fp", "cal
 
 
 def compare(model_path: str, out: str, bits_list: list[int], base: QuantizeOptions, ray_address=None, ray_cpus=None,
-            data=None, eval_batches: int = 32, eval_batch_size: int = 16, progress: bool = True) -> dict:
+            data=None, eval_batches: int = 32, eval_batch_size: int = 16, progress: bool = True,
+            device: Optional[str] = None) -> dict:
     """Quantize ``model_path`` every way of :data:`VARIANTS` at each of ``bits_list`` and evaluate
     each on the validation split at the calibration k. Each calibration set is built once (and
     saved in ``OUT/calibration``); a variant already quantized in OUT is evaluated, not redone."""
@@ -635,16 +680,19 @@ def compare(model_path: str, out: str, bits_list: list[int], base: QuantizeOptio
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     meta = _read_export_meta(model_path)
-    model = load_pretrained(model_path)
+    model = load_pretrained(model_path, device="cpu")
     if base.experts is not None:
         set_active_experts(model, base.experts)
     k = [layer.active_experts for layer in _moe_layers(model)]
-    eval_args = dict(k=None, data=data, batches=eval_batches, batch_size=eval_batch_size)
+    wants_cpu = device is not None and device == "cpu"
+    eval_device = "cuda" if torch.cuda.is_available() and not wants_cpu else "cpu"  # this process evaluates
+    eval_args = dict(k=None, data=data, batches=eval_batches, batch_size=eval_batch_size, device=eval_device)
     fp = evaluate_path(model_path, **{**eval_args, "k": k[0] if len(set(k)) == 1 else None})
     rows = [{"bits": 32, "method": "FP", "val_loss": fp["loss"], "perplexity": fp["perplexity"], "ppl_vs_fp": 1.0,
              "calibration_sigma": None, "wall_s": None, "ray_tasks": None, "size_mb": size_on_disk(model_path) / 1e6}]
     sets: dict = {}
     with ray_session(ray_address, ray_cpus) as ray:
+        device = calibration_device(ray, device)
         for calib in ("random", "ebss"):
             path = root / "calibration" / f"{calib}.safetensors"
             options = QuantizeOptions(**{**asdict(base), "calib": calib, "method": "gptq", "agq": False})
@@ -654,13 +702,13 @@ def compare(model_path: str, out: str, bits_list: list[int], base: QuantizeOptio
                 ids = load_file(str(path))["input_ids"]
                 seconds, tasks = None, 0
             else:
-                cluster = Cluster(ray)
+                cluster = Cluster(ray, device)
                 start = time.perf_counter()
                 ids = make_calibration(model, meta, options, cluster, data, progress)
                 seconds, tasks = time.perf_counter() - start, cluster.tasks
                 path.parent.mkdir(exist_ok=True)
                 _atomic_save({"input_ids": ids.contiguous()}, path)
-            sets[calib] = {"input_ids": ids, "sigma": calibration_sigma(model, ids), "seconds": seconds, "tasks": tasks,
+            sets[calib] = {"input_ids": ids, "sigma": calibration_sigma(model, ids, device), "seconds": seconds, "tasks": tasks,
                            "num_sequences": ids.shape[0], "seq_len": ids.shape[1]}
         for bits in bits_list:
             for name, method, calib, agq in VARIANTS:
@@ -669,7 +717,7 @@ def compare(model_path: str, out: str, bits_list: list[int], base: QuantizeOptio
                 existing = _finished_options(target)
                 if existing != asdict(options):
                     quantize_model(model_path, str(target), options, data=data, overwrite=True,
-                                   calibration=sets[calib]["input_ids"], progress=progress)
+                                   calibration=sets[calib]["input_ids"], progress=progress, device=device)
                 saved = json.loads((target / "config.json").read_text())["quantization"]
                 wall, tasks = saved["wall_s"], saved["ray_tasks"]
                 ev = evaluate_path(str(target), **{**eval_args, "k": k[0] if len(set(k)) == 1 else None})
@@ -679,6 +727,7 @@ def compare(model_path: str, out: str, bits_list: list[int], base: QuantizeOptio
                              "wall_s": wall, "ray_tasks": tasks, "size_mb": size_on_disk(target) / 1e6})
     report = {
         "model": str(model_path), "k": k, "rows": rows, "eval_tokens": fp["tokens"],
+        "calibration_device": device, "eval_device": fp["device"],
         "calibration": {name: {key: value for key, value in s.items() if key != "input_ids"} for name, s in sets.items()},
         "settings": {key: value for key, value in asdict(base).items() if key not in ("bits", "method", "calib", "agq")},
     }
@@ -714,7 +763,9 @@ def compare_table(report: dict) -> str:
              + "; ".join(f"{name}: {c['num_sequences']} x {c['seq_len']} tokens, expert-balance sigma {c['sigma']:.4f}"
                          + (f", built in {c['seconds']:.1f} s by {c['tasks']} Ray tasks" if c["seconds"] is not None else "")
                          for name, c in calibration.items()),
-             f"Validation: {report['eval_tokens']:,} tokens of the model's validation split."]
+             f"Validation: {report['eval_tokens']:,} tokens of the model's validation split.",
+             f"Devices: calibration passes on {report.get('calibration_device', 'cpu')}, evaluation on "
+             f"{report.get('eval_device', 'cpu')}."]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
@@ -759,6 +810,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="quantize with RTN, GPTQ, GPTQ+EBSS, GPTQ+AGQ, GPTQ+EBSS+AGQ and tabulate val perplexity")
     parser.add_argument("--eval-batches", type=int, default=32, help="--compare: validation batches (default 32)")
+    parser.add_argument("--device", default="auto",
+                        help="where the calibration passes run: cpu, cuda, or auto (default: the GPUs of the Ray "
+                             "cluster when it has any; each task holds a quarter of one)")
     parser.set_defaults(func=run)
 
 
@@ -768,7 +822,7 @@ def parse_bits(text: str, allow_list: bool) -> list[int]:
     except ValueError:
         bits = []
     if not bits or (len(bits) > 1 and not allow_list):
-        raise ValueError(f"--bits {text!r} is invalid: expected an integer in 2..8" + (" or a list like 3,4" if allow_list else ""))
+        raise UserError(f"--bits {text!r} is invalid: expected an integer in 2..8" + (" or a list like 3,4" if allow_list else ""))
     return bits
 
 
@@ -782,13 +836,15 @@ def run(args: argparse.Namespace) -> int:
     for b in bits:
         QuantizeOptions(**{**asdict(options), "bits": b})
     if args.compare:
-        report = compare(args.model, args.out, bits, options, args.ray_address, args.ray_cpus, args.data, args.eval_batches)
+        report = compare(args.model, args.out, bits, options, args.ray_address, args.ray_cpus, args.data, args.eval_batches,
+                         device=args.device)
         print(compare_table(report), end="")
         print(f"wrote {Path(args.out) / 'compare.md'}, compare.csv, compare.json")
         return 0
-    result = quantize_model(args.model, args.out, options, args.ray_address, args.ray_cpus, args.data, args.overwrite)
+    result = quantize_model(args.model, args.out, options, args.ray_address, args.ray_cpus, args.data, args.overwrite,
+                            device=args.device)
     sigma = "" if result.calibration_sigma is None else f", calibration sigma {result.calibration_sigma:.4f}"
     resumed = f", {result.resumed_blocks} blocks resumed from an earlier run" if result.resumed_blocks else ""
     print(f"quantized {args.model} -> {result.out}: {result.label} W{options.bits} in {result.wall_s:.1f} s, "
-          f"{result.ray_tasks} Ray tasks{sigma}{resumed}")
+          f"{result.ray_tasks} Ray tasks on {result.device}{sigma}{resumed}")
     return 0

@@ -21,6 +21,9 @@ from typing import Optional
 
 import torch
 
+from launch.evaluate import add_device_argument
+from moe.errors import UserError
+
 SWEEP_DIR = "slim"
 COLUMNS = ("k", "val_loss", "perplexity", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_token",
            "active_parameters", "flops_per_token")
@@ -38,6 +41,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-ms-per-token", type=float, default=None, help="pick the largest k within this decode time")
     budget.add_argument("--budget-flops", type=float, default=None, help="pick the largest k within these FLOPs per token")
+    add_device_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -55,56 +59,66 @@ def parse_ks(text: Optional[str], num_experts: int) -> list[int]:
     try:
         ks = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise ValueError(f"--k {text!r} is invalid: expected comma-separated integers, e.g. 1,2,4") from None
+        raise UserError(f"--k {text!r} is invalid: expected comma-separated integers, e.g. 1,2,4") from None
     bad = [k for k in ks if not 1 <= k <= num_experts]
     if not ks or bad:
-        raise ValueError(f"--k {text!r} is invalid: every k must be in 1..{num_experts} (the model's experts)")
+        raise UserError(f"--k {text!r} is invalid: every k must be in 1..{num_experts} (the model's experts)")
     return ks
 
 
 def pick_k(rows: list[dict], budget_ms_per_token: Optional[float] = None, budget_flops: Optional[float] = None) -> int:
     """The largest k whose measured decode time (or FLOPs) per token is within the budget."""
     if (budget_ms_per_token is None) == (budget_flops is None):
-        raise ValueError("give exactly one budget: ms per token or FLOPs per token")
+        raise UserError("give exactly one budget: ms per token or FLOPs per token")
     key, limit = ("decode_ms_per_token", budget_ms_per_token) if budget_flops is None else ("flops_per_token", budget_flops)
     fitting = [row["k"] for row in rows if row[key] <= limit]
     if not fitting:
         cheapest = min(rows, key=lambda row: row[key])
-        raise ValueError(f"no k fits a budget of {limit:g} {key.replace('_', ' ')}: the cheapest, k={cheapest['k']}, "
+        raise UserError(f"no k fits a budget of {limit:g} {key.replace('_', ' ')}: the cheapest, k={cheapest['k']}, "
                          f"needs {cheapest[key]:g}")
     return max(fitting)
 
 
 @torch.no_grad()
 def _speed(model, k: int, batch: int, prompt_len: int, decode_tokens: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode seconds per step) at k, on random prompts, after one warm-up."""
+    """(prefill tokens/s, decode seconds per step) at k, on random prompts, after one warm-up, on
+    the model's device (a GPU's queued work is waited for before each clock read)."""
     from moe.model import KVCache
 
+    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(k)
-    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=generator)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=generator).to(device)
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     prefill, decode = [], []
     for _ in range(2):
         cache = KVCache(len(model.blocks))
-        start = time.perf_counter()
+        start = clock()
         logits = model(prompt, cache=cache)
-        prefill.append(time.perf_counter() - start)
+        prefill.append(clock() - start)
         token = logits[:, -1].argmax(-1, keepdim=True)
-        start = time.perf_counter()
+        start = clock()
         for _ in range(decode_tokens):
             token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
-        decode.append((time.perf_counter() - start) / decode_tokens)
+        decode.append((clock() - start) / decode_tokens)
     return batch * prompt_len / prefill[-1], decode[-1]
 
 
 def sweep(path: str, ks: Optional[list[int]] = None, data: Optional[str] = None, batches: int = 16,
-          batch_size: int = 8, decode_tokens: int = 32, loaded=None) -> tuple[list[dict], dict]:
+          batch_size: int = 8, decode_tokens: int = 32, loaded=None, device=None) -> tuple[list[dict], dict]:
     """One row per k (see ``COLUMNS``) and facts about the run. ``loaded``: the (model, training
-    data) :func:`launch.evaluate.load_model_for_eval` already returned for ``path``."""
+    data) :func:`launch.evaluate.load_model_for_eval` already returned for ``path``; otherwise the
+    model is loaded onto ``device`` (None: the GPU when there is one)."""
     from launch.data import prepare_corpus
     from launch.evaluate import evaluate, load_model_for_eval
     from moe import set_active_experts
+    from moe.devices import describe_device
 
-    model, trained_on = loaded if loaded is not None else load_model_for_eval(path)
+    model, trained_on = loaded if loaded is not None else load_model_for_eval(path, device)
     num_experts = model.config.moe.num_experts
     ks = ks or default_ks(num_experts)
     seq_len = model.config.max_seq_len
@@ -125,7 +139,7 @@ def sweep(path: str, ks: Optional[list[int]] = None, data: Optional[str] = None,
         })
     facts = {"model": str(path), "num_experts": num_experts, "val_tokens": result["tokens"], "seq_len": seq_len,
              "batch_size": batch_size, "prompt_len": prompt_len, "decode_tokens": decode_tokens,
-             "threads": torch.get_num_threads(), "torch": torch.__version__}
+             "device": describe_device(next(model.parameters()).device), "torch": torch.__version__}
     return rows, facts
 
 
@@ -155,7 +169,7 @@ def write_outputs(rows: list[dict], facts: dict, out: Path) -> dict[str, Path]:
         f"# Self-slimming sweep of {facts['model']}\n\n{markdown_table(rows)}\n\n"
         f"Validation: {facts['val_tokens']:,} tokens in sequences of {facts['seq_len']}. Speed: batch "
         f"{facts['batch_size']}, prompt {facts['prompt_len']}, {facts['decode_tokens']} decoded tokens with the KV cache, "
-        f"{facts['threads']} threads, torch {facts['torch']}. FLOPs per token at context {facts['seq_len'] // 2}.\n"
+        f"on {facts['device']}, torch {facts['torch']}. FLOPs per token at context {facts['seq_len'] // 2}.\n"
     )
     paths["json"].write_text(json.dumps({"facts": facts, "rows": rows}, indent=2))
     ks = [r["k"] for r in rows]
@@ -181,12 +195,13 @@ def run(args: argparse.Namespace) -> int:
 
     for name in ("batches", "batch_size", "decode_tokens"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    loaded = load_model_for_eval(args.model)  # fails early, with one line, on a bad path
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    loaded = load_model_for_eval(args.model, args.device)  # fails early, with one line, on a bad path
     ks = parse_ks(args.k, loaded[0].config.moe.num_experts)
     rows, facts = sweep(args.model, ks, args.data, args.batches, args.batch_size, args.decode_tokens, loaded)
     out = Path(args.out) if args.out else Path(args.model) / SWEEP_DIR
     paths = write_outputs(rows, facts, out)
+    print(f"moe slim: {facts['model']} on {facts['device']}, torch {facts['torch']}")
     print(markdown_table(rows))
     for name, path in paths.items():
         print(f"{name:<5}{path}")
@@ -200,5 +215,5 @@ def load_sweep(model_path: str) -> list[dict]:
     """The rows ``moe slim`` saved beside a model (for ``moe generate --experts auto``)."""
     path = Path(model_path) / SWEEP_DIR / "slim.json"
     if not path.is_file():
-        raise ValueError(f"--experts auto needs a sweep: run `moe slim --model {model_path}` first ({path} is missing)")
+        raise UserError(f"--experts auto needs a sweep: run `moe slim --model {model_path}` first ({path} is missing)")
     return json.loads(path.read_text())["rows"]

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from launch.config import RunConfig, load_run_config
+from moe.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -83,9 +84,9 @@ def run_cli(args: argparse.Namespace) -> int:
     prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)  # once, before any rank starts
     nproc = args.nproc if args.nproc is not None else max(1, torch.cuda.device_count())
     if nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+        raise UserError(f"--nproc must be >= 1, got {nproc}")
     if nproc % cfg.parallel.expert_parallel_size:
-        raise ValueError(
+        raise UserError(
             f"parallel.expert_parallel_size={cfg.parallel.expert_parallel_size} is invalid: it must divide the "
             f"number of ranks (--nproc {nproc})"
         )
@@ -123,7 +124,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_run_config(args.config, _overrides(args))
         return train(cfg, resume=args.resume, until_step=args.until_step)
-    except ValueError as err:
+    except UserError as err:  # anything else keeps its traceback
         print(f"launch.train: error: {err}", file=sys.stderr)
         return 2
 
@@ -141,11 +142,11 @@ def check_out_dir(cfg: RunConfig, resume: bool) -> Optional[str]:
     tag = latest_tag(root)
     if resume:
         if tag is None:
-            raise ValueError(f"--resume: no complete checkpoint in {str(root)!r}")
+            raise UserError(f"--resume: no complete checkpoint in {str(root)!r}")
         check_same_model(read_run_config(root, tag)["model"], cfg.model.to_dict(), f"checkpoint {str(root / tag)!r}")
         return tag
     if tag is not None:
-        raise ValueError(
+        raise UserError(
             f"out_dir {cfg.out_dir!r} already holds checkpoint {tag}; pass --resume to continue it "
             "or --set out_dir=... to start another run"
         )
@@ -156,7 +157,7 @@ def _end_step(cfg: RunConfig, until_step: Optional[int]) -> int:
     if until_step is None:
         return cfg.train.steps
     if not 1 <= until_step <= cfg.train.steps:
-        raise ValueError(f"--until-step {until_step} is invalid: expected 1..{cfg.train.steps} (train.steps)")
+        raise UserError(f"--until-step {until_step} is invalid: expected 1..{cfg.train.steps} (train.steps)")
     return until_step
 
 
@@ -170,8 +171,10 @@ class _StopRequest:
     def _handle(self, signum, frame) -> None:
         self.signum = self.signum or signum
 
-    def agreed(self, device) -> int:
-        flag = torch.tensor([self.signum], dtype=torch.int64, device=device)
+    def agreed(self) -> int:
+        from moe.devices import collective_device
+
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag)
 
@@ -251,8 +254,15 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
 
     from launch.data import BatchSampler, prepare_corpus
     from launch.evaluate import evaluate
-    from moe import LoadMeter, MoETransformer, advance_k_schedule, collect_aux_losses, max_violation, moe_layers
-    from moe import update_expert_biases
+    from moe import (
+        LoadMeter,
+        MoETransformer,
+        advance_k_schedule,
+        collect_aux_losses,
+        max_violation,
+        moe_layers,
+        update_expert_biases,
+    )
     from parallel import checkpoint
     from parallel.engine import build_engine, init_distributed
     from parallel.expert_parallel import apply_expert_parallel, exchange_stats
@@ -370,7 +380,7 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
                                      ep_size)
             if t.eval_every and (done % t.eval_every == 0 or last):
                 run_validation(done)
-            signum = stop.agreed(device)
+            signum = stop.agreed()
             if done % t.save_every == 0 or last or signum:
                 save(done)
             logs.advance(postfix)
@@ -390,6 +400,7 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
 def _grad_norm(model: torch.nn.Module, ep_group=None) -> float:
     """The global L2 norm of the gradients: replicated parameters once, expert shards (marked
     ``allreduce=False``) summed over the expert-parallel group."""
+    from moe.devices import collective_device
     from parallel.expert_parallel import is_expert_parameter
 
     device = next(model.parameters()).device
@@ -398,6 +409,7 @@ def _grad_norm(model: torch.nn.Module, ep_group=None) -> float:
         if param.grad is not None:
             squares[int(is_expert_parameter(param))] += param.grad.detach().float().square().sum()
     if ep_group is not None:
+        squares = squares.to(collective_device(ep_group))
         dist.all_reduce(squares[1:], group=ep_group)
     return float(squares.sum().sqrt())
 
@@ -417,12 +429,16 @@ def _new_window(device) -> dict:
 
 def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, max_violation, ep_size=1) -> dict:
     """Reduce the window's loss and load over ranks and record them; returns the progress-bar fields."""
+    from moe.devices import collective_device
+
     elapsed = window["seconds"]  # training steps only: validation and checkpoints are not counted
-    loads = meter.stacked_load()  # [L, E] assignments per expert in this window, summed below over ranks
-    sums = window["sums"].cpu()
-    sums[2:] = torch.tensor([window["micro"], meter.dropped, meter.assignments], dtype=torch.float64)
+    device = collective_device()  # CUDA under NCCL, CPU under gloo
+    loads = meter.stacked_load().to(device)  # [L, E] assignments per expert in this window
+    sums = window["sums"].to(device, copy=True)
+    sums[2:] = torch.tensor([window["micro"], meter.dropped, meter.assignments], dtype=torch.float64, device=device)
     dist.all_reduce(loads)
     dist.all_reduce(sums)
+    loads, sums = loads.cpu(), sums.cpu()  # one host copy each for the logs
     loss, aux = float(sums[0] / sums[2]), float(sums[1] / sums[2])
     max_vio = {name: max_violation(load) for name, load in zip(layers, loads)}
     mean_vio = sum(max_vio.values()) / len(max_vio)
@@ -460,11 +476,12 @@ def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, m
 def _log_expert_parallel(scalars: dict, model, loads: torch.Tensor, ep_size: int, steps: int, elapsed: float) -> float:
     """Per-rank exchange volume and all-to-all time, and each expert-parallel rank's share of the
     load, into ``scalars``; returns the mean share of step time spent in all-to-all."""
+    from moe.devices import collective_device
     from parallel.expert_parallel import exchange_stats
 
     stats = exchange_stats(model)  # this rank's, since the last record
     mine = torch.tensor([stats["rows_sent"], stats["rows_received"], stats["bytes_sent"], stats["seconds"], elapsed],
-                        dtype=torch.float64)
+                        dtype=torch.float64, device=collective_device())
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     shares = []

@@ -10,6 +10,7 @@ from torch import nn
 
 from moe.config import MoEConfig
 from moe.dispatch import LocalDispatcher
+from moe.errors import UserError
 from moe.experts import GroupedExperts
 from moe.routers import Routing, TopKRouter
 from moe.schedules import k_at_step
@@ -41,7 +42,7 @@ class MoELayer(nn.Module):
 
     def set_active_experts(self, k: int) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts:
-            raise ValueError(
+            raise UserError(
                 f"active experts k={k!r} is invalid for layer {self.layer_idx}: expected an integer in 1..{self.num_experts}"
             )
         self.active_experts = k

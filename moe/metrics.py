@@ -75,37 +75,42 @@ class LoadMeter:
 
     def reset(self) -> None:
         self.load = {name: None for name in self.layers}
-        self.batch_max_vio = {name: [] for name in self.layers}
+        self.batch_loads = {name: [] for name in self.layers}
         self.dropped = 0
         self.assignments = 0
 
     def update(self) -> None:
+        """Add each layer's load of its last forward. The loads stay on the layers' device (no
+        host sync per forward); only a capacity drop count is read back."""
         for name, layer in self.layers.items():
             routing = layer.last_routing
             if routing is None:
                 continue
-            load = routing.routed_per_expert.detach().cpu()
+            load = routing.routed_per_expert.detach()
             self.load[name] = load.clone() if self.load[name] is None else self.load[name] + load
-            self.batch_max_vio[name].append(max_violation(load))
-            self.dropped += routing.num_dropped
+            self.batch_loads[name].append(load)
+            if routing.kept is not None:
+                self.dropped += routing.num_dropped
             self.assignments += routing.indices.numel()
 
     def stacked_load(self) -> torch.Tensor:
-        """``[L, E]`` float64: each layer's load so far (zeros for a layer not seen yet), ready to be
-        summed over ranks with one all-reduce."""
+        """``[L, E]`` float64 on the layers' device: each layer's load so far (zeros for a layer not
+        seen yet), ready to be summed over ranks with one all-reduce."""
+        device = next((load.device for load in self.load.values() if load is not None), None)
         return torch.stack([
-            self.load[name].double() if self.load[name] is not None else torch.zeros(layer.num_experts, dtype=torch.float64)
+            self.load[name].double() if self.load[name] is not None
+            else torch.zeros(layer.num_experts, dtype=torch.float64, device=device)
             for name, layer in self.layers.items()
         ])
 
     def summary(self) -> dict:
         per_layer = {name: max_violation(load) for name, load in self.load.items() if load is not None}
-        batch = {name: sum(v) / len(v) for name, v in self.batch_max_vio.items() if v}
+        batch = {name: sum(max_violation(load) for load in v) / len(v) for name, v in self.batch_loads.items() if v}
         return {
             "max_vio_global": per_layer,
             "max_vio_global_mean": sum(per_layer.values()) / max(1, len(per_layer)),
             "max_vio_batch_mean": sum(batch.values()) / max(1, len(batch)),
             "load_entropy": {name: load_entropy(load) for name, load in self.load.items() if load is not None},
-            "tokens_per_expert": {name: load for name, load in self.load.items() if load is not None},
+            "tokens_per_expert": {name: load.cpu() for name, load in self.load.items() if load is not None},
             "dropped_fraction": self.dropped / max(1, self.assignments),
         }

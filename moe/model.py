@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.config import MoEConfig
+from moe.errors import UserError
 from moe.layer import MoELayer
 from moe.validation import check_bool, check_int, check_number, fail, from_dict
 
@@ -245,7 +246,7 @@ class MoETransformer(nn.Module):
         and the cache is extended (decoding one token at a time costs one position, not all)."""
         past = 0 if cache is None else cache.length
         if past + input_ids.shape[-1] > self.config.max_seq_len:
-            raise ValueError(
+            raise UserError(
                 f"sequence length {past + input_ids.shape[-1]} exceeds max_seq_len {self.config.max_seq_len}"
             )
         x = self.embed(input_ids)  # [B, S, d]
@@ -279,14 +280,14 @@ class MoETransformer(nn.Module):
         from moe.runtime import set_active_experts
 
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"generate: input_ids must be [batch, length >= 1], got shape {tuple(input_ids.shape)}")
+            raise UserError(f"generate: input_ids must be [batch, length >= 1], got shape {tuple(input_ids.shape)}")
         if max_new_tokens < 0 or input_ids.shape[1] + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(
+            raise UserError(
                 f"generate: max_new_tokens={max_new_tokens} is invalid: the prompt ({input_ids.shape[1]}) plus the new "
                 f"tokens must fit in max_seq_len ({self.config.max_seq_len})"
             )
         if temperature < 0 or (top_k is not None and top_k < 1):
-            raise ValueError(f"generate: temperature={temperature} must be >= 0 and top_k={top_k} >= 1")
+            raise UserError(f"generate: temperature={temperature} must be >= 0 and top_k={top_k} >= 1")
         layers = [block.ffn for block in self.blocks if isinstance(block.ffn, MoELayer)]
         saved = [layer.active_experts for layer in layers]
         was_training = self.training

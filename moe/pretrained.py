@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from moe.devices import resolve_device
+from moe.errors import UserError
 from moe.metrics import moe_layers
 from moe.model import ModelConfig, MoETransformer
 from moe.runtime import set_active_experts
@@ -50,21 +52,23 @@ def write_export(model: MoETransformer, state: dict, path: str | os.PathLike, me
     return out
 
 
-def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> MoETransformer:
-    """The model exported at ``path`` in eval mode; a path that is not an export is a ``ValueError``.
+def load_pretrained(path: str | os.PathLike, device: str | torch.device | None = None) -> MoETransformer:
+    """The model exported at ``path`` in eval mode, on ``device`` (default: the GPU when there is
+    one, else the CPU; see :func:`moe.devices.resolve_device`); a path that is not an export is a
+    :class:`~moe.errors.UserError`.
 
     A quantized export (``moe quantize``) loads the same way: its packed weights are dequantized
     into an ordinary model, whose ``quantization`` attribute holds the settings it was made with."""
     root = Path(path)
     config_path, weights_path = root / CONFIG_NAME, root / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
-        raise ValueError(f"{str(root)!r} is not an exported model: expected {CONFIG_NAME} and {WEIGHTS_NAME} in it")
+        raise UserError(f"{str(root)!r} is not an exported model: expected {CONFIG_NAME} and {WEIGHTS_NAME} in it")
     try:
         meta = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+        raise UserError(f"{config_path}: not valid JSON ({err})") from None
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{config_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+        raise UserError(f"{config_path}: format {meta.get('format')!r} is not {FORMAT!r}")
     model = MoETransformer(ModelConfig.from_dict(meta["model"]))
     state = load_file(str(weights_path), device="cpu")
     if meta.get("quantization"):  # packed integer weights: dequantized here, once
@@ -76,7 +80,7 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         state["lm_head.weight"] = state["embed.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{weights_path}: does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise UserError(f"{weights_path}: does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     if meta.get("active_experts"):
         set_active_experts(model, list(meta["active_experts"]))
-    return model.to(device).eval()
+    return model.to(resolve_device(device)).eval()

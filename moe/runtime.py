@@ -10,6 +10,8 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.balance import updated_expert_bias
+from moe.devices import on_collective_device
+from moe.errors import UserError
 from moe.metrics import moe_layers
 from moe.schedules import bias_rate_at_update, k_at_step
 
@@ -17,7 +19,7 @@ from moe.schedules import bias_rate_at_update, k_at_step
 def _layers_or_fail(module: nn.Module, what: str):
     layers = [layer for _, layer in moe_layers(module)]
     if not layers:
-        raise ValueError(f"{what}: {type(module).__name__} contains no MoELayer")
+        raise UserError(f"{what}: {type(module).__name__} contains no MoELayer")
     return layers
 
 
@@ -27,10 +29,10 @@ def set_active_experts(module: nn.Module, k: Union[int, Sequence[int]]) -> None:
     layers = _layers_or_fail(module, "set_active_experts")
     ks = list(k) if isinstance(k, (list, tuple)) else [k] * len(layers)
     if len(ks) != len(layers):
-        raise ValueError(f"set_active_experts: got {len(ks)} values of k for {len(layers)} MoE layers")
+        raise UserError(f"set_active_experts: got {len(ks)} values of k for {len(layers)} MoE layers")
     for layer, layer_k in zip(layers, ks):  # validate everything before changing anything
         if isinstance(layer_k, bool) or not isinstance(layer_k, int) or not 1 <= layer_k <= layer.num_experts:
-            raise ValueError(
+            raise UserError(
                 f"set_active_experts: k={layer_k!r} is invalid for MoE layer {layer.layer_idx}: "
                 f"expected an integer in 1..{layer.num_experts} (its number of experts)"
             )
@@ -59,7 +61,9 @@ def update_expert_biases(module: nn.Module, group: Optional[dist.ProcessGroup] =
         return None
     counts = torch.stack([router.pending_tokens for router in routers])  # [L, E]
     if group is not None:
+        counts = on_collective_device(counts, group)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        counts = counts.to(routers[0].pending_tokens.device)
     for router, layer_counts in zip(routers, counts):
         if layer_counts.sum() > 0:
             cfg = router.config

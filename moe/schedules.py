@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from moe.config import MoEConfig
+from moe.errors import UserError
 
 
 def _clip(k: int, k_min: int, k_max: int) -> int:
@@ -27,7 +28,7 @@ def k_at_step(config: MoEConfig, step: int) -> int:
     - multistep:   k_min, 2 k_min, 4 k_min, ..., k_max held for equal spans of [0, T]
     """
     if step < 0:
-        raise ValueError(f"k_at_step: step must be >= 0, got {step}")
+        raise UserError(f"k_at_step: step must be >= 0, got {step}")
     if config.k_schedule == "constant":
         return config.top_k
     k_min, k_max, total = config.k_min, config.k_max, config.k_schedule_steps

@@ -7,11 +7,13 @@ import dataclasses
 import math
 from typing import Any, Mapping, NoReturn, TypeVar
 
+from moe.errors import UserError
+
 T = TypeVar("T")
 
 
 def fail(owner: str, field: str, value: Any, allowed: str) -> NoReturn:
-    raise ValueError(f"{owner}.{field}={value!r} is invalid: {allowed}")
+    raise UserError(f"{owner}.{field}={value!r} is invalid: {allowed}")
 
 
 def check_int(owner: str, field: str, value: Any, minimum: int = 1) -> None:
@@ -40,7 +42,7 @@ def from_dict(cls: type[T], values: Mapping[str, Any], owner: str | None = None)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"{owner or cls.__name__}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
         )
     return cls(**dict(values))

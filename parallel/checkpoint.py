@@ -28,13 +28,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from moe.errors import UserError
+
 LATEST = "latest"
 RUN_CONFIG = "run_config.json"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 TRAINER_STATE = "trainer"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint the user named is missing, incomplete, or from a different model."""
 
 
@@ -85,6 +87,7 @@ def check_same_model(saved_model: dict, model: dict, where: str) -> None:
 def verify_replicas(model) -> None:
     """Raise if a tensor that every rank holds whole (everything but expert slices: embeddings,
     attention, routers, expert biases) differs between ranks. One all-gather of per-tensor sums."""
+    from moe.devices import collective_device
     from parallel.expert_parallel import is_expert_parameter
 
     if dist.get_world_size() == 1:
@@ -93,7 +96,7 @@ def verify_replicas(model) -> None:
     for name, tensor, is_param in _named_state(model):
         if not (is_param and is_expert_parameter(tensor)):
             names.append(name)
-            sums.append(tensor.detach().double().sum().cpu())
+            sums.append(tensor.detach().double().sum().to(collective_device()))
     mine = torch.stack(sums)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
@@ -231,6 +234,8 @@ def _moments(engine, param) -> dict[str, torch.Tensor]:
     a fragment of the flat fp32 partition; the fragments are summed over the parameter's group, as
     DeepSpeed's own ``get_full_hp_param`` does (which cannot be used: DeepSpeed links the optimizer
     state of only the first parameter group to the fragments)."""
+    from moe.devices import collective_device
+
     zero = _zero(engine)
     if zero is None:
         state = engine.optimizer.state.get(param, {})
@@ -238,7 +243,7 @@ def _moments(engine, param) -> dict[str, torch.Tensor]:
     mapping = param._hp_mapping
     out = {}
     for key in MOMENTS:
-        full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+        full = torch.zeros(param.numel(), dtype=torch.float32, device=collective_device(param._dp_group))
         if mapping is not None:
             flat = zero.single_partition_of_fp32_groups[mapping.param_group_index]
             state = zero.optimizer.state.get(flat, {})

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from moe.devices import collective_device
 from moe.dispatch import GroupedRows, sort_by_expert
+from moe.errors import UserError
 from moe.routers import Routing
 from parallel.groups import ExpertParallelGroups
 
@@ -69,10 +71,12 @@ class _AllToAll(torch.autograd.Function):
 
 
 def _exchange(x: torch.Tensor, output_splits: list, input_splits: list, group, stats: ExchangeStats, me: int):
-    out = x.new_empty((sum(output_splits), *x.shape[1:]))
+    device = collective_device(group)  # x's own device under NCCL (CUDA) and gloo (CPU): no copy then
+    out = x.new_empty((sum(output_splits), *x.shape[1:]), device=device)
     start = time.perf_counter()
-    dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+    dist.all_to_all_single(out, x.contiguous().to(device), output_splits, input_splits, group=group)
     stats.seconds += time.perf_counter() - start
+    out = out.to(x.device)
     stats.calls += 1
     row_bytes = math.prod(x.shape[1:]) * x.element_size()
     stats.bytes_sent += (sum(input_splits) - input_splits[me]) * row_bytes
@@ -98,7 +102,7 @@ class AllToAllDispatcher:
 
     def __init__(self, num_experts: int, groups: ExpertParallelGroups):
         if num_experts % groups.size:
-            raise ValueError(
+            raise UserError(
                 f"parallel.expert_parallel_size={groups.size} is invalid: it must divide num_experts ({num_experts})"
             )
         self.num_experts = num_experts
@@ -109,7 +113,8 @@ class AllToAllDispatcher:
     def dispatch(self, x: torch.Tensor, routing: Routing) -> tuple[GroupedRows, _Exchange]:
         ep, local, me = self.groups.size, self.num_local_experts, self.groups.rank
         by_expert = sort_by_expert(x, routing, self.num_experts)
-        send_counts = by_expert.tokens_per_expert.view(ep, local)  # [P, E/P]: rows for each rank's experts
+        device = collective_device(self.groups.group)
+        send_counts = by_expert.tokens_per_expert.view(ep, local).to(device)  # [P, E/P]: rows for each rank's experts
         recv_counts = torch.empty_like(send_counts)  # [P, E/P]: rows from each rank for my experts
         start = time.perf_counter()
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.groups.group)
@@ -128,7 +133,7 @@ class AllToAllDispatcher:
             source=received,
             row_index=order,
             row_weight=torch.ones(received.shape[0], dtype=routing.weights.dtype, device=x.device),
-            tokens_per_expert=recv_counts.sum(0),
+            tokens_per_expert=recv_counts.sum(0).to(x.device),
         )
         state = _Exchange(by_expert.row_index, by_expert.row_weight, send_splits, recv_splits, x.shape[0])
         return rows, state

@@ -9,14 +9,20 @@ bucket sizes, logging) passes through untouched.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import os
+import re
 import socket
-from typing import Any
+import traceback
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from moe.errors import UserError
 
 
 def device_type() -> str:
@@ -40,6 +46,7 @@ def init_distributed() -> tuple[int, int]:
     called without an active exception", exit -6), and the launcher then fails the whole job."""
     if device_type() == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    normalize_cuda_arch_list()
     import deepspeed
 
     skip_shm_allreduce()
@@ -58,6 +65,32 @@ def init_distributed() -> tuple[int, int]:
 def _destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def normalize_cuda_arch_list(environ=os.environ) -> Optional[str]:
+    """Make ``TORCH_CUDA_ARCH_LIST`` readable by DeepSpeed's op builder; returns the new value, or
+    None when nothing changed.
+
+    Hopper and Blackwell images commonly set arch-specific entries such as ``9.0a`` (or ``10.0f``),
+    which torch accepts but DeepSpeed's ``compute_capability_args`` cannot parse (``invalid literal
+    for int() with base 10: '0a'``), so any op DeepSpeed JIT-builds fails. The suffix is dropped
+    (``9.0a+PTX`` -> ``9.0+PTX``); the plain capability builds everything DeepSpeed's ops need."""
+    value = environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return None
+    entries = []
+    for entry in value.replace(",", ";").replace(" ", ";").split(";"):
+        if not entry:
+            continue
+        ptx = entry.endswith("+PTX")
+        number = entry[: -len("+PTX")] if ptx else entry
+        match = re.fullmatch(r"(\d+)\.(\d+)[a-zA-Z]*", number)
+        entries.append((f"{match.group(1)}.{match.group(2)}" if match else number) + ("+PTX" if ptx else ""))
+    normalized = ";".join(dict.fromkeys(entries))
+    if normalized == value:
+        return None
+    environ["TORCH_CUDA_ARCH_LIST"] = normalized
+    return normalized
 
 
 def skip_shm_allreduce() -> None:
@@ -95,8 +128,11 @@ def deepspeed_config(section: dict, train: Any, world_size: int) -> dict:
                 "betas": list(train.betas),
                 "eps": 1e-8,
                 "weight_decay": train.weight_decay,
-                # torch's AdamW on CPU (DeepSpeed's fused Adam is a GPU kernel); fused Adam on GPU.
-                "torch_adam": device_type() == "cpu",
+                # torch's own AdamW everywhere, fused into one kernel per parameter group on CUDA:
+                # DeepSpeed's FusedAdam would be JIT-built on first use, which needs nvcc and an
+                # arch list its op builder can parse. torch's fused AdamW is prebuilt.
+                "torch_adam": True,
+                **({"fused": True} if device_type() == "cuda" else {}),
             },
         },
         scheduler={
@@ -144,16 +180,38 @@ def build_engine(model: nn.Module, section: dict, train: Any):
     skip_shm_allreduce()
     config = deepspeed_config(section, train, dist.get_world_size())
     param_groups = parameter_groups(model, train.weight_decay)
-    if not any(is_expert_parameter(p) for p in model.parameters()):
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=config)
-        return engine
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-    from deepspeed.runtime.config import DeepSpeedConfig
+    with _op_build_failures_explained():
+        if not any(is_expert_parameter(p) for p in model.parameters()):
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=config)
+            return engine
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+        from deepspeed.runtime.config import DeepSpeedConfig
 
-    param_groups = split_params_into_different_moe_groups_for_optimizer(param_groups)
-    engine_class = _expert_parallel_engine_class()
-    return engine_class(args=None, model=model, model_parameters=param_groups, config=config,
-                        config_class=DeepSpeedConfig(config))
+        param_groups = split_params_into_different_moe_groups_for_optimizer(param_groups)
+        engine_class = _expert_parallel_engine_class()
+        return engine_class(args=None, model=model, model_parameters=param_groups, config=config,
+                            config_class=DeepSpeedConfig(config))
+
+
+@contextlib.contextmanager
+def _op_build_failures_explained():
+    """A failure inside DeepSpeed's op builder (a JIT build of a C++/CUDA op some config option asks
+    for) becomes one :class:`~moe.errors.UserError` that says what to set; anything else passes."""
+    try:
+        yield
+    except Exception as err:
+        frames = traceback.extract_tb(err.__traceback__)
+        builder = next((f for f in reversed(frames) if "op_builder" in f.filename.replace("\\", "/")), None)
+        if builder is None or isinstance(err, UserError):
+            raise
+        lines = str(err).strip().splitlines()
+        detail = f"{type(err).__name__}: {lines[-1]}" if lines else type(err).__name__
+        raise UserError(
+            f"DeepSpeed could not build one of its ops ({detail}, in {Path(builder.filename).name}). The trainer "
+            "itself needs none: remove the deepspeed config option that asks for it, or make the build possible: "
+            "nvcc matching torch's CUDA (set CUDA_HOME) and TORCH_CUDA_ARCH_LIST holding plain capabilities such "
+            f"as 9.0 (it is {os.environ.get('TORCH_CUDA_ARCH_LIST', 'unset')!r})"
+        ) from err
 
 
 def _expert_parallel_engine_class():

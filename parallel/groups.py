@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from moe.errors import UserError
+
 
 @dataclass(frozen=True)
 class ExpertParallelGroups:
@@ -38,7 +40,7 @@ def expert_parallel_groups(expert_parallel_size: int) -> ExpertParallelGroups:
 
     world_size = dist.get_world_size()
     if expert_parallel_size < 1 or world_size % expert_parallel_size:
-        raise ValueError(
+        raise UserError(
             f"parallel.expert_parallel_size={expert_parallel_size} is invalid: it must divide the world size ({world_size})"
         )
     name = f"ep_size_{expert_parallel_size}"

@@ -145,13 +145,14 @@ def capture_hessians(
     when ``agq``. Experts no row reached get a Hessian with ``count == 0``.
     """
     d = hidden.shape[-1]
+    device = hidden.device  # the Hessians accumulate where the block runs
     hessians: dict[str, Hessian] = {}
     handles = []
 
     def record(key: str, width: int):
         def hook(module, args):
             x = args[0]
-            hessians.setdefault(key, Hessian(width)).add(x.reshape(-1, x.shape[-1]).float())
+            hessians.setdefault(key, Hessian(width, device)).add(x.reshape(-1, x.shape[-1]).float())
         return hook
 
     if stage == 1:
@@ -169,8 +170,8 @@ def capture_hessians(
         experts = block.ffn.experts
         num_experts, ffn = experts.num_experts, experts.w2.shape[1]
         for e in range(num_experts):
-            hessians[f"experts.in.{e}"] = Hessian(d)
-            hessians[f"experts.mid.{e}"] = Hessian(ffn)
+            hessians[f"experts.in.{e}"] = Hessian(d, device)
+            hessians[f"experts.mid.{e}"] = Hessian(ffn, device)
 
         def record_experts(module, args):
             rows: GroupedRows = args[0]

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moe.errors import UserError
 from moe.metrics import moe_layers
 from moe.model import KVCache
 
@@ -163,7 +164,7 @@ def ebss_first_tokens(num_sequences: int, vocab_size: int, seed: int) -> torch.T
 
 def _check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid: expected an integer >= 1")
+        raise UserError(f"{name}={value!r} is invalid: expected an integer >= 1")
 
 
 def _lowest(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,21 +220,21 @@ def ebss_search(
     _check_positive("width", width)
     _check_positive("seq_len", seq_len)
     if seq_len > max_seq_len:
-        raise ValueError(f"seq_len={seq_len} is invalid: it must be <= the model's max_seq_len ({max_seq_len})")
+        raise UserError(f"seq_len={seq_len} is invalid: it must be <= the model's max_seq_len ({max_seq_len})")
     if width > vocab_size:
-        raise ValueError(f"width={width} is invalid: it must be <= the vocabulary size ({vocab_size})")
+        raise UserError(f"width={width} is invalid: it must be <= the vocabulary size ({vocab_size})")
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau) or tau <= 0:
-        raise ValueError(f"tau={tau!r} is invalid: expected a number > 0")
+        raise UserError(f"tau={tau!r} is invalid: expected a number > 0")
     if first_tokens is None:
         first_tokens = ebss_first_tokens(num_sequences, vocab_size, seed)
     first_tokens = torch.as_tensor(first_tokens)
     if first_tokens.shape != (num_sequences,) or first_tokens.is_floating_point():
-        raise ValueError(
+        raise UserError(
             f"first_tokens must be an integer tensor of shape [num_sequences={num_sequences}], "
             f"got {first_tokens.dtype} {tuple(first_tokens.shape)}"
         )
     if not (0 <= int(first_tokens.min()) and int(first_tokens.max()) < vocab_size):
-        raise ValueError(f"first_tokens must lie in 0..{vocab_size - 1} (the vocabulary)")
+        raise UserError(f"first_tokens must lie in 0..{vocab_size - 1} (the vocabulary)")
 
     layers = _moe_layer_list(model, "ebss_generate")
     device = next(model.parameters()).device
@@ -321,7 +322,7 @@ def random_windows(tokens, num_sequences: int, seq_len: int, seed: int) -> torch
         raise ValueError(f"random_windows: tokens must be a 1-D stream, got shape {tuple(tokens.shape)}")
     length = tokens.shape[0]
     if length < seq_len + 1:
-        raise ValueError(f"random_windows: the token stream ({length} tokens) is shorter than seq_len + 1 ({seq_len + 1})")
+        raise UserError(f"random_windows: the token stream ({length} tokens) is shorter than seq_len + 1 ({seq_len + 1})")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     offsets = torch.randint(0, length - seq_len, (num_sequences,), generator=generator).tolist()
     if isinstance(tokens, torch.Tensor):

@@ -95,6 +95,11 @@ class Hessian:
     def __iadd__(self, other: "Hessian") -> "Hessian":
         return self.merge(other)
 
+    def to(self, device: Union[torch.device, str]) -> "Hessian":
+        """Move the sum to ``device`` (in place); returns ``self``."""
+        self._sum = self._sum.to(device)
+        return self
+
     def __repr__(self) -> str:
         return (f"Hessian(in_features={self.in_features}, count={self.count}, "
                 f"total_weight={self.total_weight:g}, device={self.device})")

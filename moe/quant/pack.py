@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from moe.errors import UserError
+
 
 def _check_bits(bits: int) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits={bits!r} is invalid: expected an integer in 2..8")
+        raise UserError(f"bits={bits!r} is invalid: expected an integer in 2..8")
 
 
 def container_bits(bits: int) -> int:

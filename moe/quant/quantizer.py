@@ -19,7 +19,7 @@ A row (group) that is all zeros gets the scale it would have with ``max|w| = 1``
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
 import torch
@@ -159,6 +159,11 @@ class QuantizedWeight:
     def shape(self) -> torch.Size:
         """``(out, in)`` of the weight."""
         return self.codes.shape
+
+    def to(self, device) -> "QuantizedWeight":
+        """The same weight with its tensors on ``device``."""
+        return replace(self, codes=self.codes.to(device), scales=self.scales.to(device),
+                                   zeros=self.zeros.to(device))
 
     def group_of_column(self, column: int) -> int:
         """Group index of input column ``column``."""

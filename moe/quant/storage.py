@@ -22,6 +22,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from moe.errors import UserError
 from moe.quant.pack import pack_codes, unpack_codes
 from moe.quant.quantizer import QuantizedWeight, QuantSpec
 
@@ -62,14 +63,14 @@ def dequantize_state(state: dict[str, torch.Tensor], meta: Mapping, source: Opti
     """``state`` with every quantized parameter turned back into an fp32 weight of its usual shape."""
     where = f"{source}: " if source is not None else ""
     if meta.get("format") != QUANT_FORMAT:
-        raise ValueError(f"{where}quantization format {meta.get('format')!r} is not {QUANT_FORMAT!r}")
+        raise UserError(f"{where}quantization format {meta.get('format')!r} is not {QUANT_FORMAT!r}")
     spec = QuantSpec.from_dict(meta["spec"])
     state = dict(state)
     for param, entry in meta["tensors"].items():
         try:
             packed, scales, zeros = (state.pop(f"{param}.{part}") for part in ("qweight", "scales", "zeros"))
         except KeyError as err:
-            raise ValueError(f"{where}quantized parameter {param!r} lacks its {err.args[0]!r} tensor") from None
+            raise UserError(f"{where}quantized parameter {param!r} lacks its {err.args[0]!r} tensor") from None
         codes = unpack_codes(packed, spec.bits, entry["in_features"])  # [(E,) out, in]
         if entry["experts"]:
             weight = torch.stack([QuantizedWeight(c, s, z.float(), spec).dequantize() for c, s, z in zip(codes, scales, zeros)])

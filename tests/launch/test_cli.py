@@ -89,3 +89,29 @@ def test_gpu_scale_experiments_resolve_to_valid_configs():
                 shapes.add(MoETransformer(m).num_parameters() // 10**6)
         assert len(shapes) <= 2 and min(shapes) >= 368  # learned routers add only E x d per layer
     assert run_overrides("smoe_dropout", "cpu", ["a=1"]) == ["a=1"]
+
+
+def test_an_error_that_is_not_the_users_keeps_its_traceback(monkeypatch):
+    """A ValueError raised inside a dependency (or any other internal failure) is not printed as a
+    user's mistake with exit status 2: it propagates with its traceback. A UserError still is one
+    line and status 2."""
+    import launch.demo as demo
+    from moe.errors import UserError
+
+    def internal_failure(args):
+        raise ValueError("math domain error")  # as a library raises it, deep inside a run
+
+    monkeypatch.setattr(demo, "run", internal_failure)
+    with pytest.raises(ValueError, match="math domain error"):
+        main(["demo", "--steps", "1"])
+    result = subprocess.run([sys.executable, "-c", "import launch.demo as d, launch.cli as c\n"
+                             "d.run = lambda a: (_ for _ in ()).throw(ValueError('inside a dependency'))\n"
+                             "raise SystemExit(c.main(['demo']))"], capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
+    assert "ValueError: inside a dependency" in result.stderr and "moe demo: error" not in result.stderr
+
+    def user_mistake(args):
+        raise UserError("--steps must be >= 1")
+
+    monkeypatch.setattr(demo, "run", user_mistake)
+    assert main(["demo"]) == 2
