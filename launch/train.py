@@ -320,6 +320,7 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
     stop = _StopRequest()
     group = dist.group.WORLD
     tokens_per_step = world_size * t.micro_batch_size * t.grad_accum * t.seq_len
+    peak_flops = _peak_flops(device, world_size)  # all ranks together; None on CPU or an unknown GPU
     logs.write(
         f"training {model.num_parameters():,} parameters on {world_size} rank(s) ({device}), "
         f"{tokens_per_step:,} tokens per step, steps {start_step}..{end_step} of {t.steps}, out_dir {out_dir}"
@@ -372,12 +373,13 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
                 torch.cuda.synchronize()  # honest step times (routing syncs every layer anyway)
             window["seconds"] += time.perf_counter() - step_start
             window["steps"] += 1
+            window["model_flops"] += tokens_per_step * train_flops_per_token(model, t.seq_len)
             done = step + 1
             last = done == end_step
             postfix = None
             if done % t.log_every == 0 or last:
                 postfix = _log_train(logs, engine, window, meter, layers, ks, done, tokens_per_step, max_violation,
-                                     ep_size)
+                                     ep_size, peak_flops)
             if t.eval_every and (done % t.eval_every == 0 or last):
                 run_validation(done)
             signum = stop.agreed()
@@ -393,7 +395,7 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
         stop.restore()
         logs.close()
     if rank == 0 and status == 0:
-        _print_summary(cfg, out_dir, start_step, end_step, world_size)
+        _print_summary(cfg, out_dir, start_step, end_step, world_size, peak_flops)
     return status
 
 
@@ -424,10 +426,30 @@ def _clip_gradients(model: torch.nn.Module, norm: float, max_norm: float) -> Non
 
 def _new_window(device) -> dict:
     """Sums over the steps since the last log record: [loss, aux loss, micro-batches, dropped, assignments]."""
-    return {"sums": torch.zeros(5, dtype=torch.float64, device=device), "micro": 0, "seconds": 0.0, "steps": 0}
+    return {"sums": torch.zeros(5, dtype=torch.float64, device=device), "micro": 0, "seconds": 0.0, "steps": 0,
+            "model_flops": 0.0}
 
 
-def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, max_violation, ep_size=1) -> dict:
+def train_flops_per_token(model, seq_len: int) -> int:
+    """Model FLOPs of training on one token (forward + backward = 3 forwards): the matmuls of the
+    active parameters at each layer's current k, and attention over the whole sequence (PaLM's
+    convention, 12 * layers * d * seq_len for forward and backward; causal masking is not subtracted)."""
+    return 3 * model.flops_per_token(context=seq_len)
+
+
+def _peak_flops(device: torch.device, world_size: int) -> Optional[float]:
+    """The ranks' summed peak dense bf16 FLOP/s (MFU's denominator), or None off CUDA or for a GPU
+    the peaks table (``moe.devices.DENSE_BF16_PEAK_FLOPS``) does not know."""
+    from moe.devices import dense_bf16_peak_flops
+
+    if device.type != "cuda":
+        return None
+    peak = dense_bf16_peak_flops(torch.cuda.get_device_name(device))
+    return None if peak is None else peak * world_size
+
+
+def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, max_violation, ep_size=1,
+               peak_flops: Optional[float] = None) -> dict:
     """Reduce the window's loss and load over ranks and record them; returns the progress-bar fields."""
     from moe.devices import collective_device
 
@@ -457,6 +479,8 @@ def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, m
     }
     if grad_norm is not None:
         scalars["train/grad_norm"] = float(grad_norm)
+    if peak_flops:
+        scalars["train/mfu"] = window["model_flops"] / max(elapsed, 1e-9) / peak_flops
     for i, (name, load) in enumerate(zip(layers, loads)):
         scalars[f"max_vio/{name}"] = max_vio[name]
         scalars[f"k/{name}"] = float(ks[i])
@@ -464,6 +488,8 @@ def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, m
         for expert, value in enumerate(share.tolist()):
             scalars[f"load/{name}/expert_{expert:03d}"] = value
     postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}", "k": ks[0], "MaxVio": f"{mean_vio:.2f}"}
+    if "train/mfu" in scalars:
+        postfix["MFU"] = f"{100 * scalars['train/mfu']:.1f}%"
     if ep_size > 1:
         a2a_share = _log_expert_parallel(scalars, engine.module, loads, ep_size, window["steps"], elapsed)
         postfix["a2a"] = f"{100 * a2a_share:.0f}%"
@@ -499,7 +525,8 @@ def _log_expert_parallel(scalars: dict, model, loads: torch.Tensor, ep_size: int
     return scalars["train/all_to_all_share"]
 
 
-def _print_summary(cfg: RunConfig, out_dir: Path, start_step: int, end_step: int, world_size: int) -> None:
+def _print_summary(cfg: RunConfig, out_dir: Path, start_step: int, end_step: int, world_size: int,
+                   peak_flops: Optional[float] = None) -> None:
     from parallel.checkpoint import latest_tag
 
     records = [json.loads(line) for line in (out_dir / METRICS).read_text().splitlines() if line]
@@ -514,6 +541,13 @@ def _print_summary(cfg: RunConfig, out_dir: Path, start_step: int, end_step: int
               f"{evals[-1]['val/loss']:.4f} at step {evals[-1]['step']}")
     if speeds:
         print(f"training tokens/s (all ranks): median {sorted(speeds)[len(speeds) // 2]:,.0f} over {len(speeds)} log windows")
+    mfus = [r["train/mfu"] for r in records if r["event"] == "train" and r["step"] > start_step and "train/mfu" in r]
+    if mfus:
+        print(f"MFU: median {100 * sorted(mfus)[len(mfus) // 2]:.1f}% over {len(mfus)} log windows (model FLOPs / "
+              f"peak dense bf16 of {world_size} x {torch.cuda.get_device_name()}, {peak_flops / world_size / 1e12:.1f} "
+              "TFLOP/s each)")
+    elif peak_flops is None and torch.cuda.is_available():
+        print(f"MFU: not reported: no peak FLOP/s known for {torch.cuda.get_device_name()} (set SLIMMOE_PEAK_TFLOPS)")
     print(f"checkpoint:  {out_dir / CHECKPOINTS / (latest_tag(out_dir / CHECKPOINTS) or '')}")
     print(f"metrics:     {out_dir / METRICS}")
     print(f"tensorboard: {out_dir / TENSORBOARD}  (tensorboard --logdir {out_dir / TENSORBOARD})")

@@ -74,3 +74,41 @@ def collective_device(group=None) -> torch.device:
 def on_collective_device(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """``tensor`` on :func:`collective_device` of ``group`` (itself when it is there already)."""
     return tensor.to(collective_device(group))
+
+
+# Peak dense (no sparsity) bf16 tensor-core FLOP/s of one device, from the vendors' data sheets; the
+# first entry whose words all appear in torch.cuda.get_device_name() wins, so variants come first.
+DENSE_BF16_PEAK_FLOPS = (
+    (("H100", "PCIe"), 756e12),
+    (("H100", "NVL"), 835e12),
+    (("H100",), 989.4e12),  # SXM (the name says "HBM3")
+    (("H200",), 989.4e12),
+    (("H800",), 989.4e12),
+    (("GH200",), 989.4e12),
+    (("B200",), 2250e12),
+    (("B100",), 1750e12),
+    (("A100",), 312e12),
+    (("A800",), 312e12),
+    (("L40S",), 362.05e12),
+    (("L4",), 121e12),
+)
+PEAK_ENV = "SLIMMOE_PEAK_TFLOPS"
+"""Overrides the table (TFLOP/s of one device), for a device it lacks."""
+
+
+def dense_bf16_peak_flops(device_name: str, environ=None) -> Optional[float]:
+    """Peak dense bf16 FLOP/s of one device called ``device_name`` (``SLIMMOE_PEAK_TFLOPS`` if set,
+    else :data:`DENSE_BF16_PEAK_FLOPS`); None for a device the table does not know."""
+    import os
+
+    override = (os.environ if environ is None else environ).get(PEAK_ENV)
+    if override:
+        try:
+            return float(override) * 1e12
+        except ValueError:
+            raise UserError(f"{PEAK_ENV}={override!r} is invalid: expected TFLOP/s of one device, e.g. 989.4") from None
+    words = device_name.replace("-", " ").split()
+    for keys, peak in DENSE_BF16_PEAK_FLOPS:
+        if all(any(word.upper() == key.upper() for word in words) for key in keys):
+            return peak
+    return None

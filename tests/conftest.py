@@ -13,6 +13,14 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture(autouse=True)
+def _default_triton_configs(monkeypatch):
+    """On a GPU, autotuning every shape of every test would take many minutes (each candidate
+    compiles): tests run the kernels' default configs. The tests of the autotuner itself, and of
+    every candidate config, switch it back on or force each config."""
+    monkeypatch.setenv("SLIMMOE_TRITON_AUTOTUNE", "0")
+
+
+@pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
     np.random.seed(0)

@@ -43,13 +43,6 @@ SETTINGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _default_configs(monkeypatch):
-    """On a GPU, autotuning every shape of every test would take many minutes: tests use the default
-    configs unless they switch autotuning back on (the interpreter always uses its one small config)."""
-    monkeypatch.setenv("SLIMMOE_TRITON_AUTOTUNE", "0")
-
-
 def _assert_close(actual, expected, dtype, what=""):
     """Relative to the largest entry: fp32 1e-4; fp16 5e-3 and bf16 2e-2 (intermediates are rounded
     to the input dtype, the reference runs in fp32)."""
@@ -562,10 +555,20 @@ def test_every_autotune_candidate_is_correct(config_set, config, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
-def test_autotuned_bf16_layer_sized_shapes(activation, monkeypatch):
-    monkeypatch.setenv("SLIMMOE_TRITON_AUTOTUNE", "1")
+def test_bf16_layer_sized_shapes(activation):
+    """Layer-sized shapes on the default configs (every other candidate is checked above)."""
     _check_mlp(("cuda", torch.bfloat16), 512, 16, 4, None, 256, 384, activation)
     _check_mlp(("cuda", torch.bfloat16), 256, 8, 2, "one", 128, 200, activation)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_autotuned_layer_sized_shape(monkeypatch):
+    """The autotuner's own path, once: it benchmarks every candidate of every kernel of a SwiGLU
+    forward and backward (each candidate compiles: this one test takes tens of seconds) and the
+    result it picks is correct."""
+    monkeypatch.setenv("SLIMMOE_TRITON_AUTOTUNE", "1")
+    _check_mlp(("cuda", torch.bfloat16), 512, 16, 4, None, 256, 384, "swiglu")
 
 
 # ---------------------------------------------------------------------------------------------
