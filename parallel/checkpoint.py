@@ -259,7 +259,7 @@ def _set_moments(engine, param, values: dict[str, torch.Tensor], steps: int) -> 
     """Put full moments into the optimizer state of ``param`` (this rank's fragment under ZeRO)."""
     zero = _zero(engine)
     if zero is None:
-        engine.optimizer.state[param] = {"step": torch.tensor(float(steps)),
+        engine.optimizer.state[param] = {"step": _step_tensor(engine.optimizer, param, steps),
                                          **{key: values[key].to(param.device).clone() for key in MOMENTS}}
         return
     mapping = param._hp_mapping
@@ -272,8 +272,15 @@ def _set_moments(engine, param, values: dict[str, torch.Tensor], steps: int) -> 
         if key not in state:
             state[key] = torch.zeros_like(flat)
         state[key].narrow(0, hp.start, hp.numel).copy_(values[key].flatten().narrow(0, lp.start, lp.numel))
-    state["step"] = torch.tensor(float(steps))
+    state["step"] = _step_tensor(zero.optimizer, flat, steps)
     zero._hp_optimizer_states_linked = False  # DeepSpeed relinks its fragment views after the next step
+
+
+def _step_tensor(optimizer, param: torch.Tensor, steps: int) -> torch.Tensor:
+    """AdamW's ``step`` as torch keeps it: on the parameter's device for the fused (and capturable)
+    implementation, which reads it on the GPU, on the CPU otherwise."""
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    return torch.tensor(float(steps), dtype=torch.float32, device=param.device if on_device else "cpu")
 
 
 def save_portable(engine, folder: Path) -> None:

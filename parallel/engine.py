@@ -50,15 +50,17 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     skip_shm_allreduce()
+    if not dist.is_initialized() and "RANK" not in os.environ:  # a plain `python -m launch.train`: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if device_type() == "cuda":
+        # before the group exists: NCCL's communicator (and any collective made before a rank picks
+        # its GPU) would otherwise sit on GPU 0 for every rank of the machine
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain `python -m launch.train`: a group of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
         deepspeed.init_distributed(dist_backend="nccl" if device_type() == "cuda" else "gloo", auto_mpi_discovery=False)
         atexit.register(_destroy_process_group)
-    if device_type() == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -136,3 +136,23 @@ def test_every_collective_gets_tensors_on_the_process_groups_device(tmp_path):
     assert r0["stop"] == r1["stop"] == 15
     assert r0["eval_tokens"] == r1["eval_tokens"] == 2 * 2 * 2 * 16
     assert r0["eval_loss"] == pytest.approx(r1["eval_loss"])
+
+
+def test_a_restored_adamw_step_lives_where_torchs_implementation_reads_it():
+    """Resuming at another layout writes AdamW's state by hand: the fused (GPU) AdamW reads ``step``
+    on the parameter's device, the others on the CPU (a CPU step under fused AdamW on CUDA fails the
+    first optimizer step after the resume)."""
+    from parallel.checkpoint import _step_tensor
+
+    param = torch.empty(3, device="meta")  # stands for a parameter on an accelerator
+    fused = types.SimpleNamespace(defaults={"fused": True})
+    plain = types.SimpleNamespace(defaults={"fused": None, "foreach": None})
+    assert _step_tensor(fused, param, 7).device == param.device
+    assert _step_tensor(plain, param, 7).device == torch.device("cpu")
+    cpu_param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([cpu_param], fused=True)
+    optimizer.state[cpu_param] = {"step": _step_tensor(optimizer, cpu_param, 7), "exp_avg": torch.zeros(3),
+                                  "exp_avg_sq": torch.zeros(3)}
+    cpu_param.grad = torch.ones(3)
+    optimizer.step()  # the restored state is one torch's fused AdamW accepts
+    assert float(optimizer.state[cpu_param]["step"]) == 8
