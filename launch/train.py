@@ -51,7 +51,9 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, metavar="PATH",
                         help="train on .txt/.jsonl files (a file or a folder) instead of the config's data.path")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest complete checkpoint in out_dir/checkpoints")
+                        help="continue from the newest intact checkpoint in out_dir/checkpoints")
+    parser.add_argument("--resume-from", default=None, metavar="TAG",
+                        help="continue from this checkpoint (e.g. step00000200) of out_dir/checkpoints")
     parser.add_argument("--until-step", type=int, default=None, metavar="N",
                         help="stop after step N with a checkpoint (the schedules still run to train.steps); "
                              "continue later with --resume")
@@ -64,6 +66,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="ranks on this machine (default: the number of GPUs, or 1 without one); "
                              "more than 1 starts them with the deepspeed launcher")
     parser.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
+    parser.add_argument("--stop-timeout", type=float, default=300.0, metavar="S",
+                        help="after SIGINT/SIGTERM, seconds the ranks get to save and stop before they are "
+                             "terminated (default 300); a second signal terminates them at once")
     parser.set_defaults(func=run_cli)
 
 
@@ -74,14 +79,15 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """``moe train``: check everything a user can get wrong here, once, then train in this process
-    (one rank) or start ``nproc`` ranks with the deepspeed launcher."""
-    cfg = load_run_config(args.config, _overrides(args))
-    check_out_dir(cfg, args.resume)
-    _end_step(cfg, args.until_step)
-    from launch.data import prepare_corpus
+    """``moe train``: check everything a user can get wrong here, once, before any rank starts or
+    anything is written; take the run folder's lock; then train in this process (one rank) or start
+    ``nproc`` ranks with the deepspeed launcher and stay with them (signals are forwarded; see
+    :func:`_run_launcher`)."""
+    from launch.joblock import JobLock
 
-    prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)  # once, before any rank starts
+    cfg = load_run_config(args.config, _overrides(args))
+    resume = args.resume or args.resume_from is not None
+    _end_step(cfg, args.until_step)
     nproc = args.nproc if args.nproc is not None else max(1, torch.cuda.device_count())
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
@@ -90,8 +96,33 @@ def run_cli(args: argparse.Namespace) -> int:
             f"parallel.expert_parallel_size={cfg.parallel.expert_parallel_size} is invalid: it must divide the "
             f"number of ranks (--nproc {nproc})"
         )
-    if nproc == 1 and args.master_port is None:
-        return train(cfg, resume=args.resume, until_step=args.until_step)
+    check_out_dir(cfg, resume, args.resume_from, log=_stderr)  # reads only: a refused run writes nothing
+    from launch.data import prepare_corpus
+
+    prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)  # once, before any rank starts
+    with JobLock(cfg.out_dir) as lock:
+        if lock.previous:
+            _stderr(f"out_dir {cfg.out_dir}: the job that last held it (pid {lock.previous.get('pid')}) ended "
+                    "without releasing it; taking it over")
+        tag = check_out_dir(cfg, resume, args.resume_from, log=_stderr)  # again, now that no job can write
+        if nproc == 1 and args.master_port is None:
+            return train(cfg, resume_from=tag, until_step=args.until_step, lock_held=True)
+        return _run_launcher(args, cfg, nproc, tag)
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _run_launcher(args: argparse.Namespace, cfg: RunConfig, nproc: int, tag: Optional[str]) -> int:
+    """Start ``nproc`` ranks under the deepspeed launcher in a process group of their own, and stay
+    with them until they exit.
+
+    SIGINT or SIGTERM to this process goes to the ranks (which save a checkpoint at the end of the
+    step and stop); this process then waits up to ``--stop-timeout`` seconds and exits 128 +
+    signal. Ranks still running then, or after a second signal, are terminated (SIGTERM, then
+    SIGKILL). Whatever way the launcher ends, nothing of its process group outlives this process."""
+    from launch.joblock import HOLDER_ENV
     from parallel.engine import free_port
 
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
@@ -99,20 +130,103 @@ def run_cli(args: argparse.Namespace) -> int:
                "--config", str(args.config)]
     for assignment in _overrides(args):
         command += ["--set", assignment]
-    if args.resume:
-        command.append("--resume")
+    if tag is not None:
+        command += ["--resume-from", tag]  # already verified here: the ranks check sizes only
     if args.until_step is not None:
         command += ["--until-step", str(args.until_step)]
-    env = dict(os.environ)
+    env = dict(os.environ, **{HOLDER_ENV: str(os.getpid())})
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    # The launcher forwards SIGINT/SIGTERM to the ranks, which save and stop; wait for it.
-    process = subprocess.Popen(command, env=env)
-    while True:
+    # Its own session: a terminal's Ctrl-C reaches this process alone, which decides what the ranks get.
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    group = process.pid
+    stops: list[int] = []
+    deadline = [None]
+
+    def on_signal(signum, frame) -> None:
+        if stops:  # a second signal: no more waiting
+            _stderr(f"moe train: {signal.Signals(signum).name} again: terminating the ranks")
+            deadline[0] = time.monotonic()
+            return
+        stops.append(signum)
+        deadline[0] = time.monotonic() + args.stop_timeout
+        ranks = _rank_processes(process.pid)
+        _stderr(f"moe train: {signal.Signals(signum).name}: the ranks save a checkpoint at the end of this step and "
+                f"stop (up to {args.stop_timeout:g} s; a second signal terminates them now)")
+        if ranks:
+            for rank in ranks:
+                _send(rank, signum)
+        else:  # still starting: there is nothing to save yet
+            _signal_group(group, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                code = process.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if deadline[0] is not None and time.monotonic() >= deadline[0]:
+                    _stderr("moe train: the ranks did not stop in time; terminating them")
+                    _terminate_group(group)
+                    deadline[0] = None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if process.poll() is None:
+            _terminate_group(group)
+            process.wait()
+        _terminate_group(group)  # ranks the launcher left behind, if any
+    return 128 + stops[0] if stops else code
+
+
+def _rank_processes(launcher_pid: int) -> list:
+    """The rank processes under the launcher: its descendants that the deepspeed launcher gave a
+    ``LOCAL_RANK``."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    ranks = []
+    for proc in descendants:
         try:
-            return process.wait()
-        except KeyboardInterrupt:
+            if "LOCAL_RANK" in proc.environ():
+                ranks.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
+    return ranks
+
+
+def _send(proc, signum: int) -> None:
+    import psutil
+
+    try:
+        proc.send_signal(signum)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def _signal_group(group: int, signum: int) -> bool:
+    """Signal every process of a process group; False when none is left."""
+    try:
+        os.killpg(group, signum)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _terminate_group(group: int, grace: float = 10.0) -> None:
+    """SIGTERM to the process group, SIGKILL to whatever is left after ``grace`` seconds."""
+    if not _signal_group(group, signal.SIGTERM):
+        return
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        if not _signal_group(group, 0):
+            return
+        time.sleep(0.1)
+    _signal_group(group, signal.SIGKILL)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -123,7 +237,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_run_config(args.config, _overrides(args))
-        return train(cfg, resume=args.resume, until_step=args.until_step)
+        return train(cfg, resume=args.resume, until_step=args.until_step, resume_from=args.resume_from)
     except UserError as err:  # anything else keeps its traceback
         print(f"launch.train: error: {err}", file=sys.stderr)
         return 2
@@ -132,24 +246,36 @@ def main(argv: Optional[list[str]] = None) -> int:
 # ----------------------------------------------------------------------------- the job
 
 
-def check_out_dir(cfg: RunConfig, resume: bool) -> Optional[str]:
-    """The tag to resume from (None for a fresh run); a ``ValueError`` if the request does not fit
-    what is on disk: resuming with no checkpoint, a fresh run over existing checkpoints, or a
-    checkpoint of another model shape."""
-    from parallel.checkpoint import check_same_model, latest_tag, read_run_config
+def check_out_dir(cfg: RunConfig, resume: bool, resume_from: Optional[str] = None, checksums: bool = True,
+                  log=None) -> Optional[str]:
+    """The tag to resume from (None for a fresh run); a :class:`UserError` if the request does not fit
+    what is on disk: resuming with no intact checkpoint, a fresh run into an out_dir that holds
+    checkpoints or another run's logs, or a checkpoint of another model shape.
+
+    Resuming takes ``resume_from`` or else the newest intact checkpoint, whatever ``latest`` says; a
+    corrupted checkpoint is skipped for the one before it, and ``log`` is told so."""
+    from parallel.checkpoint import check_same_model, checkpoint_tags, find_checkpoint, latest_tag, read_run_config
 
     root = Path(cfg.out_dir) / CHECKPOINTS
-    tag = latest_tag(root)
-    if resume:
+    if resume or resume_from is not None:
+        tag, skipped = find_checkpoint(root, resume_from, checksums)
+        for line in skipped:
+            (log or _stderr)(line)
         if tag is None:
-            raise UserError(f"--resume: no complete checkpoint in {str(root)!r}")
+            detail = f" ({'; '.join(skipped)})" if skipped else ""
+            raise UserError(f"--resume: no complete checkpoint in {str(root)!r}{detail}")
         check_same_model(read_run_config(root, tag)["model"], cfg.model.to_dict(), f"checkpoint {str(root / tag)!r}")
         return tag
-    if tag is not None:
+    tags = checkpoint_tags(root)
+    if tags:
         raise UserError(
-            f"out_dir {cfg.out_dir!r} already holds checkpoint {tag}; pass --resume to continue it "
-            "or --set out_dir=... to start another run"
+            f"out_dir {cfg.out_dir!r} already holds checkpoint {latest_tag(root) or tags[-1]}; pass --resume to "
+            "continue it or --set out_dir=... to start another run"
         )
+    metrics = Path(cfg.out_dir) / METRICS
+    if metrics.is_file() and any('"event": "train"' in line for line in metrics.read_text(errors="replace").splitlines()):
+        raise UserError(f"out_dir {cfg.out_dir!r} already holds the logs of another run ({metrics.name}); "
+                        "--set out_dir=... to start another run")
     return None
 
 
@@ -246,10 +372,32 @@ def _set_cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
 
 
-def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None) -> int:
+def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None, resume_from: Optional[str] = None,
+          lock_held: bool = False) -> int:
     """Run (or resume) the job described by ``cfg`` on this rank; returns the exit status (0 when
     all steps, or those up to ``until_step``, ran; 128 + signal number when stopped by SIGINT or
-    SIGTERM after saving)."""
+    SIGTERM after saving).
+
+    ``resume`` continues the newest intact checkpoint (each file checked against the checkpoint's
+    manifest, a corrupted checkpoint skipped for the one before it); ``resume_from`` continues that
+    tag, whose files ``moe train`` has already checked (only their sizes are checked again here).
+    Rank 0 holds the run folder's lock unless ``lock_held`` or ``moe train`` holds it for the ranks."""
+    from launch.joblock import JobLock, held_for_me
+
+    rank = int(os.environ.get("RANK", "0"))
+    lock = None
+    if rank == 0 and not lock_held and not held_for_me():
+        lock = JobLock(cfg.out_dir).acquire()
+    try:
+        return _train(cfg, resume, until_step, resume_from)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from: Optional[str]) -> int:
+    import uuid
+
     import yaml
 
     from launch.data import BatchSampler, prepare_corpus
@@ -270,7 +418,9 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
 
     # DeepSpeed's ZeRO calls a torch collective that torch has renamed; nothing for a user to act on.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    resume_tag = check_out_dir(cfg, resume)  # same answer on every rank: it only reads the disk
+    log = _stderr if int(os.environ.get("RANK", "0")) == 0 else (lambda line: None)
+    # the same answer on every rank: it only reads the disk
+    resume_tag = check_out_dir(cfg, resume, resume_from, checksums=resume_from is None, log=log)
     end_step = _end_step(cfg, until_step)
     rank, world_size = init_distributed()
     _set_cpu_threads()
@@ -300,15 +450,21 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
     device = engine.device
     sampler = BatchSampler(splits.train, t.seq_len, t.micro_batch_size, rank, world_size, t.seed)
     start_step = 0
+    run_id = [uuid.uuid4().hex]  # the run's id, which its checkpoints carry: pruning keeps to its own
+    logs_note = None
     if resume_tag is not None:
         state = checkpoint.load(engine, ckpt_root, resume_tag)
         start_step = int(state["step"])
+        run_id = [state.get("run_id") or run_id[0]]
+        logs_note = f"resuming from checkpoint {ckpt_root / resume_tag} (step {start_step})"
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng_state"])
         if start_step >= end_step:
             if rank == 0:
                 print(f"checkpoint {resume_tag} is already at step {start_step} (asked to train to {end_step}): nothing to do")
             return 0
+    dist.broadcast_object_list(run_id, src=0)  # rank 0's, everywhere
+    run_id = run_id[0]
 
     run_dict = cfg.to_dict()
     if rank == 0:
@@ -325,6 +481,8 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
         f"training {model.num_parameters():,} parameters on {world_size} rank(s) ({device}), "
         f"{tokens_per_step:,} tokens per step, steps {start_step}..{end_step} of {t.steps}, out_dir {out_dir}"
     )
+    if logs_note:
+        logs.write(logs_note)
 
     def run_validation(step: int) -> dict:
         result = evaluate(model, splits.val, t.seq_len, t.micro_batch_size, t.eval_batches, rank, world_size)
@@ -337,7 +495,7 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
         return result
 
     def save(step: int) -> None:
-        client_state = {"step": step, "sampler": sampler.state_dict(), "torch_rng_state": torch.get_rng_state(),
+        client_state = {"step": step, "run_id": run_id, "sampler": sampler.state_dict(), "torch_rng_state": torch.get_rng_state(),
                         "active_experts": [layer.active_experts for layer in layers.values()],
                         "layout": checkpoint.current_layout(engine)}
         tag = checkpoint.save(engine, ckpt_root, step, client_state, run_dict, keep=t.keep_checkpoints)

@@ -12,13 +12,20 @@ A checkpoint is a folder ``<root>/<tag>/`` holding
 - ``run_config.json``, the config that wrote it.
 
 It becomes the one to resume from only when complete: every rank writes, all ranks meet at a
-barrier, and rank 0 then points ``<root>/latest`` at the tag by writing a temporary file and
-renaming it. A run killed mid-save leaves ``latest`` naming the previous, complete checkpoint.
-DeepSpeed's ``load_checkpoint`` reads the same ``latest`` file.
+barrier, rank 0 writes ``manifest.json`` (every file's size and SHA-256, and the id of the run that
+wrote it), and then points ``<root>/latest`` at the tag by writing a temporary file and renaming
+it. A run killed mid-save leaves ``latest`` naming the previous, complete checkpoint.
+
+Finding one never trusts a single file: :func:`latest_tag` takes the tag ``latest`` names only if
+that checkpoint is complete, and otherwise the newest complete one (``latest`` empty, garbage or
+naming a missing tag). :func:`find_checkpoint` also checks the files against the manifest and
+skips a corrupted checkpoint (a truncated or changed file) for the one before it, saying which it
+skipped and why. Pruning deletes only checkpoints of the run that is pruning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,7 +40,9 @@ from moe.errors import UserError
 LATEST = "latest"
 RUN_CONFIG = "run_config.json"
 MODEL_STATES = "mp_rank_00_model_states.pt"
+MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer"
+TAG_PREFIX = "step"
 
 
 class CheckpointError(UserError):
@@ -44,25 +53,138 @@ def tag_for_step(step: int) -> str:
     return f"step{step:08d}"
 
 
+def is_complete(folder: Path) -> bool:
+    """Whether every rank finished writing this checkpoint: its manifest exists (written after the
+    barrier), or, for a checkpoint from before manifests, its run config and model states do."""
+    return (folder / RUN_CONFIG).is_file() and ((folder / MANIFEST).is_file() or (folder / MODEL_STATES).is_file())
+
+
+def checkpoint_tags(root: str | os.PathLike) -> list[str]:
+    """Every ``stepNNNNNNNN`` folder in ``root``, complete or not, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX)
+                  and p.name[len(TAG_PREFIX):].isdigit())
+
+
+def complete_tags(root: str | os.PathLike) -> list[str]:
+    """The complete checkpoints in ``root``, oldest first."""
+    return [tag for tag in checkpoint_tags(root) if is_complete(Path(root) / tag)]
+
+
 def latest_tag(root: str | os.PathLike) -> Optional[str]:
-    """The tag ``root/latest`` names, or None when there is no complete checkpoint in ``root``."""
-    pointer = Path(root) / LATEST
-    if not pointer.is_file():
+    """The newest complete checkpoint of ``root``: the one ``root/latest`` names when that one is
+    complete, else (``latest`` missing, empty, garbage, or naming an incomplete or missing tag) the
+    newest complete one; None when there is none."""
+    root = Path(root)
+    pointer = root / LATEST
+    try:
+        named = pointer.read_text().strip() if pointer.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        named = ""
+    if named and "/" not in named and is_complete(root / named):
+        return named
+    tags = complete_tags(root)
+    return tags[-1] if tags else None
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, run_id: Optional[str], step: int) -> None:
+    """``folder/manifest.json``: the size and SHA-256 of every file under ``folder``, the run's id
+    and the step (written by one rank, after every rank finished writing)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST and ".tmp" not in p.name):
+        files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": _file_digest(path)}
+    _write_atomic(folder / MANIFEST, json.dumps({"run_id": run_id, "step": step, "files": files}, indent=1))
+
+
+def read_manifest(folder: Path) -> Optional[dict]:
+    """The manifest of a checkpoint folder, or None (a checkpoint from before manifests)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
         return None
-    tag = pointer.read_text().strip()
-    return tag if tag and (Path(root) / tag / RUN_CONFIG).is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{folder / MANIFEST}: unreadable ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{folder / MANIFEST}: not a checkpoint manifest")
+    return manifest
+
+
+def verify(folder: Path, checksums: bool = True) -> Optional[str]:
+    """What is wrong with the checkpoint in ``folder`` (a missing, truncated or changed file), or
+    None when every file its manifest lists is there with its size (and, with ``checksums``, its
+    SHA-256). A checkpoint without a manifest can only be checked for its run config and model
+    states."""
+    try:
+        manifest = read_manifest(folder)
+    except CheckpointError as err:
+        return str(err)
+    if manifest is None:
+        return None if is_complete(folder) else f"{folder.name} is incomplete (no {RUN_CONFIG} or {MODEL_STATES})"
+    for name, expected in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected.get("bytes"):
+            return f"{name} has {size:,} bytes, {expected.get('bytes'):,} when written"
+        if checksums and _file_digest(path) != expected.get("sha256"):
+            return f"{name} differs from what was written (SHA-256 mismatch)"
+    return None
+
+
+def find_checkpoint(root: str | os.PathLike, tag: Optional[str] = None, checksums: bool = True
+                    ) -> tuple[Optional[str], list[str]]:
+    """(tag, skipped): with ``tag``, that checkpoint if it is complete and intact (else a
+    :class:`CheckpointError` saying why); without, the newest intact complete checkpoint of
+    ``root`` (None if there is none) and one line for each newer one skipped because it is corrupted."""
+    root = Path(root)
+    if tag is not None:
+        folder = root / tag
+        if not folder.is_dir():
+            known = ", ".join(complete_tags(root)) or "none"
+            raise CheckpointError(f"checkpoint {tag!r} is not in {str(root)!r} (complete checkpoints: {known})")
+        if not is_complete(folder):
+            raise CheckpointError(f"checkpoint {str(folder)!r} is incomplete: its save did not finish")
+        problem = verify(folder, checksums)
+        if problem:
+            raise CheckpointError(f"checkpoint {str(folder)!r} is corrupted: {problem}")
+        return tag, []
+    skipped = []
+    newest_first = complete_tags(root)[::-1]
+    named = latest_tag(root)  # normally the newest; a pointer that names an older one is honoured first
+    if named in newest_first:
+        newest_first.remove(named)
+        newest_first.insert(0, named)
+    for candidate in newest_first:
+        problem = verify(root / candidate, checksums)
+        if problem is None:
+            return candidate, skipped
+        skipped.append(f"checkpoint {candidate} is corrupted ({problem}); skipped it")
+    return None, skipped
 
 
 def resolve(path: str | os.PathLike) -> tuple[Path, str]:
-    """(root, tag) of a checkpoint named either by its root (the latest one) or by its tag folder."""
+    """(root, tag) of an intact checkpoint named either by its root (the newest intact one) or by its
+    tag folder; a missing, incomplete or corrupted one is a :class:`CheckpointError`."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    if (path / RUN_CONFIG).is_file() and (path / MODEL_STATES).is_file():
-        return path.parent, path.name
-    tag = latest_tag(path)
+    if is_complete(path):
+        return path.parent, find_checkpoint(path.parent, path.name)[0]
+    tag, skipped = find_checkpoint(path)
     if tag is None:
-        raise CheckpointError(f"{str(path)!r} holds no complete checkpoint (no '{LATEST}' file naming a finished one)")
+        detail = f": {'; '.join(skipped)}" if skipped else f" (no '{LATEST}' file naming a finished one)"
+        raise CheckpointError(f"{str(path)!r} holds no complete checkpoint{detail}")
     return path, tag
 
 
@@ -108,19 +230,22 @@ def verify_replicas(model) -> None:
 
 
 def save(engine, root: str | os.PathLike, step: int, trainer_state: dict, run_config: dict, keep: int = 0) -> str:
-    """Write the checkpoint of ``step`` on every rank, then publish it as ``latest``; with
-    ``keep > 0``, delete all but the ``keep`` newest complete checkpoints. Returns the tag."""
+    """Write the checkpoint of ``step`` on every rank, then its manifest, then publish it as
+    ``latest``; with ``keep > 0``, delete all but the ``keep`` newest complete checkpoints of this
+    run (``trainer_state["run_id"]``). Returns the tag."""
     root, tag = Path(root), tag_for_step(step)
     verify_replicas(engine.module)  # rank 0 writes the replicated tensors for everyone
     engine.save_checkpoint(str(root), tag=tag, client_state={TRAINER_STATE: trainer_state}, save_latest=False)
     save_portable(engine, root / tag)
     if dist.get_rank() == 0:
         _write_atomic(root / tag / RUN_CONFIG, json.dumps(run_config, indent=2))
-    dist.barrier()  # every rank's files are on disk before the pointer moves
+    dist.barrier()  # every rank's files are on disk before the manifest lists them
+    run_id = trainer_state.get("run_id")
     if dist.get_rank() == 0:
+        write_manifest(root / tag, run_id, step)
         _write_atomic(root / LATEST, tag)
         if keep > 0:
-            _prune(root, keep, protect=tag)
+            _prune(root, keep, protect=tag, run_id=run_id)
     dist.barrier()
     return tag
 
@@ -401,9 +526,18 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(root: Path, keep: int, protect: str) -> None:
-    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step") and (p / RUN_CONFIG).is_file())
-    for old in tags[:-keep]:
+def _prune(root: Path, keep: int, protect: str, run_id: Optional[str]) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints written by run ``run_id``; another
+    run's checkpoints (or ones from before manifests recorded the run) are never touched."""
+    mine = []
+    for tag in complete_tags(root):
+        try:
+            manifest = read_manifest(root / tag)
+        except CheckpointError:
+            continue
+        if manifest is not None and run_id is not None and manifest.get("run_id") == run_id:
+            mine.append(tag)
+    for old in mine[:-keep]:
         if old != protect:
             shutil.rmtree(root / old, ignore_errors=True)
 

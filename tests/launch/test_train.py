@@ -174,8 +174,8 @@ def test_a_half_written_checkpoint_never_becomes_latest(straight_run, tmp_path):
     (root / "step00000012").mkdir()  # a save killed before its files were all written
     (root / "step00000012" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
     assert latest_tag(root) == "step00000008" and resolve(root) == (root, "step00000008")
-    (root / LATEST).write_text("step00000012")  # even a pointer to it is not trusted without run_config.json
-    assert latest_tag(root) is None
+    (root / LATEST).write_text("step00000012")  # even a pointer to it is not trusted: it has no manifest
+    assert latest_tag(root) == "step00000008" and resolve(root) == (root, "step00000008")
 
 
 def _run_moe(args: list[str], capsys) -> tuple[int, str]:
