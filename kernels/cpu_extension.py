@@ -7,6 +7,10 @@ The vector width follows what torch itself uses on this CPU
 (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2 or the portable default). It runs its
 threads on the OpenMP runtime torch has loaded, so they are torch's intra-op threads.
 
+The first build takes tens of seconds: when loading has not finished within a second, one line on
+stderr says the kernel is being compiled, and another how long it took (local rank 0 only; the other
+ranks wait for the same build).
+
 Where it cannot be built (no compiler, no ninja, an unsupported platform) :func:`load` warns once
 and returns None, and the CPU path runs the Python implementation of the same algorithm
 (:class:`kernels.expert_mlp._BlockedExpertMLP`). ``SLIMMOE_CPU_EXTENSION=0`` skips the extension.
@@ -15,7 +19,9 @@ and returns None, and the CPU path runs the Python implementation of the same al
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -28,6 +34,8 @@ _FLAGS = {  # torch's CPU capability -> (compiler flags, the at::vec implementat
 }
 _lock = threading.Lock()
 _state: dict = {}
+ANNOUNCE_AFTER_S = 1.0
+"""A load that takes longer than this is a build, and is announced."""
 
 
 def enabled() -> bool:
@@ -57,6 +65,31 @@ def _build():
     )
 
 
+def _announced_build():
+    """:func:`_build`, with a line on stderr when it is slow enough to be compiling, and its time."""
+    quiet = os.environ.get("LOCAL_RANK", "0") != "0"
+    finished = threading.Event()
+    announced = []
+    start = time.perf_counter()
+
+    def announce() -> None:
+        if not finished.wait(ANNOUNCE_AFTER_S) and not quiet:
+            announced.append(True)
+            print("kernels: compiling the C++ CPU expert kernel (once per machine; later runs load it from torch's "
+                  "extension cache)...", file=sys.stderr, flush=True)
+
+    watcher = threading.Thread(target=announce, daemon=True)
+    watcher.start()
+    try:
+        return _build()
+    finally:
+        finished.set()
+        watcher.join()
+        if announced:
+            print(f"kernels: the C++ CPU expert kernel was ready after {time.perf_counter() - start:.0f} s",
+                  file=sys.stderr, flush=True)
+
+
 def load():
     """The compiled module (``forward``, ``backward``), or None where it cannot be built or is disabled."""
     if not enabled():
@@ -64,7 +97,7 @@ def load():
     with _lock:
         if "module" not in _state:
             try:
-                _state["module"] = _build()
+                _state["module"] = _announced_build()
             except Exception as err:  # noqa: BLE001 - any build failure means: use the Python path
                 _state["module"] = None
                 _state["error"] = f"{type(err).__name__}: {err}".strip().splitlines()[0]

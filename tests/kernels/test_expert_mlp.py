@@ -350,3 +350,23 @@ def test_torch_compile_of_a_cpu_layer_gives_the_eager_outputs_and_gradients():
     torch.testing.assert_close(compiled, eager)
     for got, want in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, want)
+
+
+def test_a_slow_load_of_the_cpu_kernel_says_it_is_compiling_and_how_long_it_took(monkeypatch, capsys):
+    import time
+
+    monkeypatch.setattr(cpu_extension, "_state", {})
+    monkeypatch.setattr(cpu_extension, "ANNOUNCE_AFTER_S", 0.05)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(cpu_extension, "_build", lambda: time.sleep(0.3) or "built")
+    assert cpu_extension.load() == "built"
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "compiling the C++ CPU expert kernel" in lines[0] and "was ready after" in lines[1]
+    assert cpu_extension.load() == "built" and capsys.readouterr().err == ""  # built once per process
+    monkeypatch.setattr(cpu_extension, "_state", {})
+    monkeypatch.setattr(cpu_extension, "_build", lambda: "cached")  # loaded from the cache: quick and quiet
+    assert cpu_extension.load() == "cached" and capsys.readouterr().err == ""
+    monkeypatch.setattr(cpu_extension, "_state", {})
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the other ranks wait for the same build without a word
+    monkeypatch.setattr(cpu_extension, "_build", lambda: time.sleep(0.3) or "built")
+    assert cpu_extension.load() == "built" and capsys.readouterr().err == ""
