@@ -48,7 +48,8 @@ class DataConfig:
     """A .txt/.jsonl file or a folder of them; null = the built-in corpus (the stdlib's .py files)."""
 
     val_permille: int = 50
-    """Share of files held out for validation, in thousandths (chosen by a hash of the path)."""
+    """Share held out for validation, in thousandths: whole files chosen by a hash of their path, or,
+    when that leaves a side empty (a single file), the last bytes of the corpus (launch/data.py)."""
 
     cache_dir: str = "runs/cache"
     """Where tokenised corpora are cached (one folder per corpus fingerprint)."""

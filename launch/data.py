@@ -5,16 +5,30 @@ The built-in corpus is the running interpreter's own standard library ``.py`` so
 that is on every machine, so the default run needs no download. ``--data PATH`` takes a ``.txt`` or
 ``.jsonl`` file (one JSON object per line with a ``"text"`` field) or a folder of them.
 
-Tokens are bytes (vocabulary 256); documents are separated by byte 0. A file goes to validation
-when ``sha1(its relative path) % 1000 < val_permille``, so the split is the same on every machine
-and does not move when files are added or removed.
+Tokens are bytes (vocabulary 256); documents are separated by byte 0. Two split rules, each the
+same on every machine:
+
+- **by file** (the rule whenever it leaves text on both sides): a file goes to validation when
+  ``sha1(its relative path) % 1000 < val_permille``, so the split does not move when files are
+  added or removed;
+- **by byte ranges** (a single file, or a corpus whose files all hash to one side): the files'
+  non-empty documents are joined in path order by byte 0 into one stream of ``n`` bytes; the last
+  ``target = clamp(round_half_up(n * val_permille / 1000), 1, n - 1)`` bytes go to validation. The
+  cut ``n - target`` moves forward to the first byte 0 at or after it that is not the stream's last
+  byte (that separator belongs to neither side); with none there it is a plain byte cut. See
+  :func:`byte_range_split`.
+
+:func:`check_training_data` then says, once and before any rank starts, whether the splits are
+large enough for a run's sequence length, ranks and validation.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +43,9 @@ BYTE_VOCAB = 256
 DOC_SEPARATOR = b"\x00"
 CACHE_VERSION = 1
 TEXT_SUFFIXES = (".txt", ".jsonl")
+SPLIT_BY_FILE, SPLIT_BY_BYTES = "file", "bytes"
+_TEMP_NAME = re.compile(r"\.tmp(\d+)$")  # what _temp_path appends: ".tmp<pid>"
+_COPY_CHUNK = 1 << 24
 
 
 class DataError(UserError):
@@ -79,27 +96,137 @@ def is_validation(relative_path: str, val_permille: int) -> bool:
     return int.from_bytes(digest[:8], "big") % 1000 < val_permille
 
 
-def _fingerprint(root: Path, files: list[Path], val_permille: int) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION} val{val_permille}".encode())
+def _fingerprint(root: Path, files: list[Path], val_permille: int, split_mode: str = SPLIT_BY_FILE) -> str:
+    # The by-file rule hashes exactly what it always did, so existing caches of corpora that split by
+    # file (the built-in one included) stay valid; the byte-range rule gets its own caches.
+    tag = f"v{CACHE_VERSION} val{val_permille}" + ("" if split_mode == SPLIT_BY_FILE else f" split={split_mode}")
+    h = hashlib.sha256(tag.encode())
     for path in files:
         stat = path.stat()
         h.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
-def _write_tokens(path: Path, documents: Iterable[bytes]) -> int:
-    """Write the byte tokens of ``documents`` to ``path`` (temp file, then rename); returns the count."""
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+def _temp_path(path: Path) -> Path:
+    return path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+
+
+def _unlink_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def remove_stale_temp_files(cache_dir: Path) -> list[Path]:
+    """Delete ``*.tmp<pid>`` files in ``cache_dir`` whose writer is no longer running (a writer
+    killed by SIGKILL cannot clean up after itself); returns what was deleted. A file of a running
+    process (this one included: another rank, or a write in progress) is never touched."""
+    if os.name != "posix" or not cache_dir.is_dir():
+        return []  # os.kill(pid, 0) is a liveness probe only on POSIX
+    removed = []
+    for path in cache_dir.iterdir():
+        match = _TEMP_NAME.search(path.name)
+        if match is None or not path.is_file():
+            continue
+        pid = int(match.group(1))
+        if pid <= 0 or pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, OverflowError):  # no such process (or a number no pid can be)
+            try:
+                path.unlink()
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+        except OSError:  # PermissionError: alive, someone else's
+            continue
+    return removed
+
+
+def _write_joined(out, documents: Iterable[bytes]) -> int:
     count = 0
-    with tmp.open("wb") as out:
-        for i, doc in enumerate(documents):
-            if i:
-                out.write(DOC_SEPARATOR)
-                count += 1
-            out.write(doc)
-            count += len(doc)
-    os.replace(tmp, path)
+    for i, doc in enumerate(documents):
+        if i:
+            out.write(DOC_SEPARATOR)
+            count += 1
+        out.write(doc)
+        count += len(doc)
     return count
+
+
+def _write_tokens(path: Path, documents: Iterable[bytes]) -> int:
+    """Write the byte tokens of ``documents`` to ``path`` (temp file, then rename); returns the
+    count. On any exception (a malformed document, KeyboardInterrupt) the temp file is removed."""
+    tmp = _temp_path(path)
+    try:
+        with tmp.open("wb") as out:
+            count = _write_joined(out, documents)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_all([tmp])
+        raise
+    return count
+
+
+def byte_range_split(stream, val_permille: int) -> tuple[int, int]:
+    """``(train_end, val_start)`` of the byte-range rule for a stream of ``n >= 2`` bytes (``bytes``
+    or an ``mmap``): training is ``stream[:train_end]``, validation ``stream[val_start:]``, both
+    non-empty. Integer arithmetic only, so every machine cuts in the same place."""
+    n = len(stream)
+    if n < 2:
+        raise ValueError(f"a byte-range split needs at least 2 bytes, got {n}")
+    target = min(n - 1, max(1, (n * val_permille + 500) // 1000))  # round half up, then 1..n-1
+    cut = n - target
+    separator = stream.find(DOC_SEPARATOR, cut, n - 1)  # never the last byte: validation stays non-empty
+    return (separator, separator + 1) if separator >= 0 else (cut, cut)
+
+
+def _write_byte_split(train_path: Path, val_path: Path, meta_path: Path, files: list[Path], val_permille: int,
+                      source: str) -> None:
+    """Write the byte-range split of ``files`` (one stream, cut by :func:`byte_range_split`) and its
+    file counts; ``meta_path`` is written last, so its presence marks a complete cache."""
+    tmp_train, tmp_val, tmp_meta = _temp_path(train_path), _temp_path(val_path), _temp_path(meta_path)
+    try:
+        spans = []  # [start, end) of each file's bytes in the stream
+        with tmp_train.open("wb") as out:
+            total = 0
+            for path in files:
+                doc = _read_document(path)
+                if doc:
+                    if total:
+                        out.write(DOC_SEPARATOR)
+                        total += 1
+                    out.write(doc)
+                spans.append((total, total + len(doc)))
+                total += len(doc)
+        if total == 0:
+            raise DataError(f"data under {source} is empty: its {len(files):,} file(s) hold no text")
+        if total < 2:
+            raise DataError(f"data under {source} has only {total} byte of text: too little to split into training and validation")
+        with open(tmp_train, "rb") as stream_file, mmap.mmap(stream_file.fileno(), 0, access=mmap.ACCESS_READ) as stream:
+            train_end, val_start = byte_range_split(stream, val_permille)
+            with tmp_val.open("wb") as out:
+                for offset in range(val_start, total, _COPY_CHUNK):
+                    out.write(stream[offset : min(offset + _COPY_CHUNK, total)])
+        os.truncate(tmp_train, train_end)
+        meta = {
+            "split": SPLIT_BY_BYTES,
+            "bytes": total,
+            "train_end": train_end,
+            "val_start": val_start,
+            "num_train_files": sum(1 for start, end in spans if end > start and start < train_end),
+            "num_val_files": sum(1 for start, end in spans if end > start and end > val_start),
+        }
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_val, val_path)
+        os.replace(tmp_train, train_path)
+        os.replace(tmp_meta, meta_path)
+    except BaseException:
+        _unlink_all([tmp_train, tmp_val, tmp_meta])
+        raise
 
 
 @dataclass
@@ -110,33 +237,106 @@ class TokenSplits:
     """uint8 memmap of the validation tokens."""
     cache_dir: Path
     num_train_files: int
+    """Files with text in the training split (by byte ranges, a file may count on both sides)."""
     num_val_files: int
+    """Files with text in the validation split."""
+    split_note: str = ""
+    """How the corpus was split, in words, for the run's log."""
+    source: str = ""
+    """The data the splits come from (a path, or the built-in corpus), for messages."""
+    split_mode: str = SPLIT_BY_FILE
+    """``"file"`` (by a hash of each file's path) or ``"bytes"`` (by byte ranges of the joined files)."""
+
+
+def _describe_source(data: Optional[str], root: Path) -> str:
+    return f"the built-in corpus ({str(root)!r})" if data is None else repr(str(Path(data).expanduser()))
 
 
 def prepare_corpus(data: Optional[str], cache_root: str | os.PathLike, val_permille: int = 50) -> TokenSplits:
     """Tokenise the corpus once into ``cache_root/<fingerprint>/{train,val}.bin`` and memmap it.
 
-    The fingerprint covers every file's path, size and mtime and the split, so a changed corpus
-    gets a new cache and an unchanged one is never re-read. Safe to call on every rank: the files
-    are written under temporary names and renamed, so a reader never sees a partial file.
+    The fingerprint covers every file's path, size and mtime, the share held out and the split
+    rule, so a changed corpus gets a new cache and an unchanged one is never re-read. Safe to call
+    on every rank: the files are written under temporary names and renamed, so a reader never sees
+    a partial file; a failed write removes its temporary files, and temporary files of writers that
+    are no longer running are removed here.
     """
     root, files = list_documents(data)
-    cache_dir = Path(cache_root) / _fingerprint(root, files, val_permille)
-    train_path, val_path = cache_dir / "train.bin", cache_dir / "val.bin"
+    source = _describe_source(data, root)
     is_val = [is_validation(str(p.relative_to(root)), val_permille) for p in files]
-    if not (train_path.exists() and val_path.exists()):
+    sizes = [p.stat().st_size for p in files]
+    val_bytes = sum(size for size, v in zip(sizes, is_val) if v)
+    train_bytes = sum(size for size, v in zip(sizes, is_val) if not v)
+    split_mode = SPLIT_BY_FILE if val_bytes and train_bytes else SPLIT_BY_BYTES
+    cache_dir = Path(cache_root) / _fingerprint(root, files, val_permille, split_mode)
+    train_path, val_path, meta_path = cache_dir / "train.bin", cache_dir / "val.bin", cache_dir / "split.json"
+    remove_stale_temp_files(cache_dir)
+    complete = train_path.exists() and val_path.exists() and (split_mode == SPLIT_BY_FILE or meta_path.exists())
+    if not complete:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        val_files = [p for p, v in zip(files, is_val) if v]
-        train_files = [p for p, v in zip(files, is_val) if not v]
-        if not val_files:  # a tiny corpus: hold out its last file
-            val_files, train_files = train_files[-1:], train_files[:-1]
-        _write_tokens(val_path, (_read_document(p) for p in val_files))
-        _write_tokens(train_path, (_read_document(p) for p in train_files))
+        if split_mode == SPLIT_BY_FILE:
+            _write_tokens(val_path, (_read_document(p) for p, v in zip(files, is_val) if v))
+            _write_tokens(train_path, (_read_document(p) for p, v in zip(files, is_val) if not v))
+        else:
+            _write_byte_split(train_path, val_path, meta_path, files, val_permille, source)
     train, val = (np.memmap(p, dtype=np.uint8, mode="r") if p.stat().st_size else np.zeros(0, np.uint8) for p in (train_path, val_path))
     if len(train) == 0 or len(val) == 0:
-        raise DataError(f"data under {str(root)!r} is empty after splitting (train {len(train)} bytes, val {len(val)} bytes)")
-    n_val = max(1, sum(is_val))
-    return TokenSplits(train, val, cache_dir, len(files) - n_val, n_val)
+        raise DataError(f"data under {source} is empty after splitting (train {len(train)} bytes, val {len(val)} bytes)")
+    if split_mode == SPLIT_BY_FILE:
+        num_val = sum(is_val)
+        num_train = len(files) - num_val
+        note = (f"split by file (a hash of each path): {num_train:,} training files ({len(train):,} bytes), "
+                f"{num_val:,} validation files ({len(val):,} bytes)")
+    else:
+        meta = json.loads(meta_path.read_text())
+        num_train, num_val = int(meta["num_train_files"]), int(meta["num_val_files"])
+        if len(files) == 1:
+            why = "one file"
+        else:
+            empty_side = "validation" if not val_bytes else "training"
+            why = f"{len(files):,} files, all on one side of the split by file ({empty_side} would be empty)"
+        note = (f"{why}: split by byte ranges, the last {val_permille / 10:.1f}% for validation ({len(val):,} bytes), "
+                f"the rest for training ({len(train):,} bytes)")
+    return TokenSplits(train, val, cache_dir, num_train, num_val, note, source, split_mode)
+
+
+def check_training_data(splits: TokenSplits, seq_len: int, micro_batch_size: int, world_size: int,
+                        eval_batches: int) -> None:
+    """Raise :class:`DataError` (one line: the split, its size and what is needed) unless a run
+    with these settings can use ``splits``: :class:`BatchSampler` needs ``seq_len + 2`` training
+    tokens, and, when validation runs (``eval_batches > 0``; pass 0 when ``train.eval_every`` is
+    0), :func:`validation_batches` must give every one of the ``world_size`` ranks at least one
+    window of ``seq_len + 1`` tokens, which takes ``world_size * seq_len + 1`` validation tokens.
+    Meant to run once, before any rank starts; whatever passes cannot fail these checks in a rank."""
+    for name, value, minimum in (("seq_len", seq_len, 1), ("micro_batch_size", micro_batch_size, 1),
+                                 ("world_size", world_size, 1), ("eval_batches", eval_batches, 0)):
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    source = splits.source or str(splits.cache_dir)
+    how = f" ({splits.split_note})" if splits.split_note else ""
+    num_train = len(splits.train)
+    if num_train < seq_len + 2:
+        raise DataError(
+            f"the training split of {source} has {num_train:,} tokens{how}; train.seq_len={seq_len} needs at least "
+            f"{seq_len + 2:,} (one window of seq_len + 1 tokens and a second start): use more data or a smaller train.seq_len"
+        )
+    if eval_batches == 0:
+        return
+    num_val = len(splits.val)
+    if num_val < seq_len + 1:
+        raise DataError(
+            f"the validation split of {source} has {num_val:,} tokens{how}, nothing to evaluate: one window of "
+            f"train.seq_len + 1 = {seq_len + 1:,} tokens is needed; use more data, a larger data.val_permille, "
+            f"a smaller train.seq_len, or train.eval_every=0"
+        )
+    num_windows = (num_val - 1) // seq_len
+    if num_windows < world_size:
+        raise DataError(
+            f"the validation split of {source} has {num_val:,} tokens{how}, {num_windows:,} window(s) of "
+            f"train.seq_len={seq_len}, fewer than the {world_size} ranks (each rank evaluates as many windows, at least "
+            f"one): {world_size * seq_len + 1:,} tokens are needed; use more data, a larger data.val_permille, "
+            f"a smaller train.seq_len, fewer ranks, or train.eval_every=0"
+        )
 
 
 class BatchSampler:

@@ -97,9 +97,11 @@ def run_cli(args: argparse.Namespace) -> int:
             f"number of ranks (--nproc {nproc})"
         )
     check_out_dir(cfg, resume, args.resume_from, log=_stderr)  # reads only: a refused run writes nothing
-    from launch.data import prepare_corpus
+    from launch.data import check_training_data, prepare_corpus
 
-    prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)  # once, before any rank starts
+    splits = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)  # once, before any rank starts
+    t = cfg.train
+    check_training_data(splits, t.seq_len, t.micro_batch_size, nproc, t.eval_batches if t.eval_every else 0)
     with JobLock(cfg.out_dir) as lock:
         if lock.previous:
             _stderr(f"out_dir {cfg.out_dir}: the job that last held it (pid {lock.previous.get('pid')}) ended "
@@ -400,7 +402,7 @@ def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from:
 
     import yaml
 
-    from launch.data import BatchSampler, prepare_corpus
+    from launch.data import BatchSampler, check_training_data, prepare_corpus
     from launch.evaluate import evaluate
     from moe import (
         LoadMeter,
@@ -434,6 +436,8 @@ def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from:
     dist.barrier()
     if rank != 0:
         splits = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)
+    # `moe train` checked this before starting the ranks; a launch without it is checked here, on every rank
+    check_training_data(splits, t.seq_len, t.micro_batch_size, world_size, t.eval_batches if t.eval_every else 0)
 
     model = MoETransformer(cfg.model)  # same seed on every rank: identical weights and routers
     ep_size = cfg.parallel.expert_parallel_size
@@ -481,6 +485,7 @@ def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from:
         f"training {model.num_parameters():,} parameters on {world_size} rank(s) ({device}), "
         f"{tokens_per_step:,} tokens per step, steps {start_step}..{end_step} of {t.steps}, out_dir {out_dir}"
     )
+    logs.write(f"data: {splits.split_note}")
     if logs_note:
         logs.write(logs_note)
 

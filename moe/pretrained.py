@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from moe.devices import resolve_device
 from moe.errors import UserError
+from moe.files import load_safetensors, read_json
 from moe.metrics import moe_layers
 from moe.model import ModelConfig, MoETransformer
 from moe.runtime import set_active_experts
@@ -54,33 +56,157 @@ def write_export(model: MoETransformer, state: dict, path: str | os.PathLike, me
 
 def load_pretrained(path: str | os.PathLike, device: str | torch.device | None = None) -> MoETransformer:
     """The model exported at ``path`` in eval mode, on ``device`` (default: the GPU when there is
-    one, else the CPU; see :func:`moe.devices.resolve_device`); a path that is not an export is a
-    :class:`~moe.errors.UserError`.
+    one, else the CPU; see :func:`moe.devices.resolve_device`).
 
     A quantized export (``moe quantize``) loads the same way: its packed weights are dequantized
-    into an ordinary model, whose ``quantization`` attribute holds the settings it was made with."""
+    into an ordinary model, whose ``quantization`` attribute holds the settings it was made with.
+
+    Every problem of the export is one :class:`~moe.errors.UserError` naming the file: a path that
+    is not an export, a truncated or corrupted ``model.safetensors``, a ``config.json`` that is not
+    JSON or not of the expected structure, and weights whose names or shapes disagree with the
+    model ``config.json`` describes (checked before anything is copied into the model)."""
     root = Path(path)
     config_path, weights_path = root / CONFIG_NAME, root / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
         raise UserError(f"{str(root)!r} is not an exported model: expected {CONFIG_NAME} and {WEIGHTS_NAME} in it")
-    try:
-        meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{config_path}: not valid JSON ({err})") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{config_path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    model = MoETransformer(ModelConfig.from_dict(meta["model"]))
-    state = load_file(str(weights_path), device="cpu")
-    if meta.get("quantization"):  # packed integer weights: dequantized here, once
+    meta = read_json(config_path, what="exported model's config")
+    if "format" not in meta:
+        raise UserError(f"{config_path}: no \"format\" entry; an export's config has \"format\": {FORMAT!r}")
+    if meta["format"] != FORMAT:
+        raise UserError(f"{config_path}: format {meta['format']!r} is not {FORMAT!r}")
+    config = _model_config(meta, config_path)
+    state = load_safetensors(weights_path, device="cpu")
+    quantization = meta.get("quantization")
+    if quantization:  # packed integer weights: dequantized here, once
         from moe.quant.storage import dequantize_state
 
-        state = dequantize_state(state, meta["quantization"], weights_path)
-        model.quantization = meta["quantization"]
-    if model.config.tie_embeddings:
+        state = dequantize_state(state, quantization, weights_path, config=config_path)
+    check_tensors(state, config, weights_path, config_path)
+    active = _active_experts(meta, config, config_path)
+    model = MoETransformer(config)
+    if quantization:
+        model.quantization = quantization
+    if config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{weights_path}: does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    if meta.get("active_experts"):
-        set_active_experts(model, list(meta["active_experts"]))
+    model.load_state_dict(state)  # names and shapes checked above
+    if active is not None:
+        set_active_experts(model, active)
     return model.to(resolve_device(device)).eval()
+
+
+def _model_config(meta: dict, config_path: Path) -> ModelConfig:
+    """The ``model`` entry of an export's config as a :class:`ModelConfig`; a missing entry, one of
+    the wrong type or a bad field is a :class:`UserError` naming the file and the field."""
+    values = meta.get("model")
+    if not isinstance(values, Mapping):
+        found = "no \"model\" entry" if values is None else f"\"model\" is a {type(values).__name__}"
+        raise UserError(f"{config_path}: {found}; expected a mapping of the model's settings")
+    if "moe" in values and not isinstance(values["moe"], Mapping):
+        raise UserError(f"{config_path}: \"model.moe\" is a {type(values['moe']).__name__}; expected a mapping "
+                        f"of the MoE layer's settings")
+    try:
+        return ModelConfig.from_dict(values)
+    except (ValueError, TypeError) as err:  # ValueError: UserError names the field and the value
+        raise UserError(f"{config_path}: \"model\": {err}") from None
+
+
+def _active_experts(meta: dict, config: ModelConfig, config_path: Path) -> list[int] | None:
+    """The ``active_experts`` entry, one k per MoE layer in 1..num_experts; None when absent."""
+    active = meta.get("active_experts")
+    if active is None:
+        return None
+    layers = sum(config.is_moe_layer(i) for i in range(config.num_layers))
+    experts = config.moe.num_experts
+    if (not isinstance(active, list) or len(active) != layers
+            or not all(type(k) is int and 1 <= k <= experts for k in active)):
+        raise UserError(f"{config_path}: \"active_experts\"={active!r} is invalid: expected a list of one k per "
+                        f"MoE layer ({layers} layers), each an integer in 1..{experts}")
+    return active
+
+
+def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor an export of a model with ``config`` stores (built on the
+    meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        model = MoETransformer(config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if config.tie_embeddings:
+        shapes.pop("lm_head.weight", None)  # stored once, as embed.weight
+    return shapes
+
+
+def check_tensors(state: Mapping[str, torch.Tensor], config: ModelConfig, weights: os.PathLike | str,
+                  config_path: os.PathLike | str) -> None:
+    """A :class:`UserError` in one line when the tensors ``state`` (read from ``weights``) are not
+    those of a model with ``config`` (read from ``config_path``): the first tensor whose shape
+    differs, the missing and the unexpected tensor names, and the config field that may be wrong."""
+    expected = tensor_shapes(config)
+    problems = []
+    for name, shape in expected.items():
+        if name in state and tuple(state[name].shape) != shape:
+            found = tuple(state[name].shape)
+            problems.append(f"{name} has shape {found} in the weights and {shape} in the config"
+                            f"{_hint(_shape_suspects(config, name, found, shape))}")
+            break
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    if missing or unexpected:
+        names = [f"missing tensors {_names(missing)}"] if missing else []
+        names += [f"unexpected tensors {_names(unexpected)}"] if unexpected else []
+        problems.append("; ".join(names) + _hint(_name_suspects(config, set(state))))
+    if problems:
+        raise UserError(f"{weights} does not match {config_path}: {'; '.join(problems)}")
+
+
+_SHAPE_FIELDS = ("vocab_size", "dense_ffn_hidden_size", "moe.hidden_size", "moe.ffn_hidden_size", "moe.num_experts")
+
+
+def _with(config: ModelConfig, field: str, value) -> ModelConfig | None:
+    """``config`` with ``field`` (``moe.x`` for the MoE layer's) set to ``value``; None if invalid."""
+    values = config.to_dict()
+    *parents, leaf = field.split(".")
+    target = values
+    for parent in parents:
+        target = target[parent]
+    target[leaf] = value
+    try:
+        return ModelConfig.from_dict(values)
+    except ValueError:
+        return None
+
+
+def _shape_suspects(config: ModelConfig, name: str, found: tuple, shape: tuple) -> list[str]:
+    """The size fields whose change changes ``name``'s shape where the weights disagree with it."""
+    dims = [i for i, (a, b) in enumerate(zip(found, shape)) if a != b] if len(found) == len(shape) else range(len(shape))
+    suspects = []
+    for field in _SHAPE_FIELDS:
+        current = getattr(config.moe, field[4:]) if field.startswith("moe.") else getattr(config, field)
+        # doubling keeps every divisibility rule; an unset width gets one larger than any size here
+        changed = _with(config, field, 2 * current if current is not None else 2 * max(shape, default=1) + 1)
+        other = tensor_shapes(changed).get(name) if changed is not None else None
+        if other is not None and (len(other) != len(shape) or any(other[i] != shape[i] for i in dims)):
+            suspects.append(f"model.{field}")
+    return suspects
+
+
+def _name_suspects(config: ModelConfig, names: set) -> list[str]:
+    """The fields that, set to another value, give exactly the tensor names ``names``."""
+    blocks = {int(n.split(".")[1]) for n in names if n.startswith("blocks.") and n.split(".")[1].isdigit()}
+    candidates = [("num_layers", max(blocks) + 1)] if blocks else []
+    candidates += [("moe_every", every) for every in range(1, min(config.num_layers, 16) + 1)]
+    candidates += [("tie_embeddings", not config.tie_embeddings)]
+    suspects = []
+    for field, value in candidates:
+        changed = _with(config, field, value) if value != getattr(config, field) else None
+        if changed is not None and set(tensor_shapes(changed)) == names and f"model.{field}" not in suspects:
+            suspects.append(f"model.{field}")
+    return suspects
+
+
+def _hint(fields: list[str]) -> str:
+    return f" ({' or '.join(fields)}?)" if fields else ""
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

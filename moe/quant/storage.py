@@ -23,7 +23,7 @@ from typing import Mapping, Optional
 import torch
 
 from moe.errors import UserError
-from moe.quant.pack import pack_codes, unpack_codes
+from moe.quant.pack import pack_codes, packed_size, unpack_codes
 from moe.quant.quantizer import QuantizedWeight, QuantSpec
 
 QUANT_FORMAT = "slimmoe-q1"
@@ -59,18 +59,68 @@ def quantized_state(
     return state, entries
 
 
-def dequantize_state(state: dict[str, torch.Tensor], meta: Mapping, source: Optional[os.PathLike] = None) -> dict:
-    """``state`` with every quantized parameter turned back into an fp32 weight of its usual shape."""
-    where = f"{source}: " if source is not None else ""
+def read_quantization(meta, config: Optional[os.PathLike] = None) -> tuple[QuantSpec, dict]:
+    """The spec and the ``tensors`` entries of a ``quantization`` entry ``meta``, checked; a bad
+    entry is a :class:`UserError` naming ``config``, the file it was read from."""
+    where = f"{config}: " if config is not None else ""
+    if not isinstance(meta, Mapping):
+        raise UserError(f"{where}quantization must be a mapping, not {type(meta).__name__}")
     if meta.get("format") != QUANT_FORMAT:
         raise UserError(f"{where}quantization format {meta.get('format')!r} is not {QUANT_FORMAT!r}")
-    spec = QuantSpec.from_dict(meta["spec"])
+    if not isinstance(meta.get("spec"), Mapping):
+        raise UserError(f"{where}quantization.spec must be a mapping (bits, group_size, symmetric)")
+    try:
+        spec = QuantSpec.from_dict(meta["spec"])
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{where}quantization.spec: {err}") from None
+    entries = meta.get("tensors")
+    if not isinstance(entries, Mapping):
+        raise UserError(f"{where}quantization.tensors must be a mapping of parameter names to entries")
+    for param, entry in entries.items():
+        if not isinstance(entry, Mapping):
+            raise UserError(f"{where}quantization.tensors[{param!r}] must be a mapping")
+        for key in ("experts", "out_features", "in_features"):
+            value = entry.get(key)
+            if not (key == "experts" and value is None) and (type(value) is not int or value < 1):
+                allowed = "null or an integer >= 1" if key == "experts" else "an integer >= 1"
+                raise UserError(f"{where}quantization.tensors[{param!r}].{key}={value!r} is invalid: expected {allowed}")
+    return spec, dict(entries)
+
+
+def _check_packed(param: str, parts: tuple, entry: Mapping, spec: QuantSpec, where: str, config: str) -> None:
+    """The three stored tensors of ``param`` have the dtypes and shapes its entry says."""
+    lead = (entry["experts"],) if entry["experts"] else ()
+    out, groups = entry["out_features"], spec.num_groups(entry["in_features"])
+    wanted = {"qweight": (lead + (out, packed_size(entry["in_features"], spec.bits)), "uint8"),
+              "scales": (lead + (out, groups), "floating point"), "zeros": (lead + (out, groups), "integer or floating point")}
+    for part, tensor in zip(("qweight", "scales", "zeros"), parts):
+        shape, kind = wanted[part]
+        ok_dtype = {"uint8": tensor.dtype == torch.uint8, "floating point": tensor.dtype.is_floating_point,
+                    "integer or floating point": not tensor.dtype.is_complex and tensor.dtype != torch.bool}[kind]
+        if tuple(tensor.shape) != shape or not ok_dtype:
+            raise UserError(f"{where}{param}.{part} is {tensor.dtype} {tuple(tensor.shape)}; the quantization entry "
+                            f"of {param!r}{config} needs {kind} {shape} (experts={entry['experts']}, "
+                            f"out_features={out}, in_features={entry['in_features']}, bits={spec.bits}, "
+                            f"group_size={spec.group_size})")
+
+
+def dequantize_state(state: dict[str, torch.Tensor], meta: Mapping, source: Optional[os.PathLike] = None,
+                     config: Optional[os.PathLike] = None) -> dict:
+    """``state`` with every quantized parameter turned back into an fp32 weight of its usual shape.
+
+    ``meta`` is the ``quantization`` entry read from ``config``, ``state`` the tensors read from
+    ``source``: a bad entry, a missing packed tensor or one whose shape disagrees with its entry is
+    a :class:`UserError` naming the file."""
+    where = f"{source}: " if source is not None else ""
+    spec, entries = read_quantization(meta, config if config is not None else source)
+    in_config = f" in {config}" if config is not None else ""
     state = dict(state)
-    for param, entry in meta["tensors"].items():
+    for param, entry in entries.items():
         try:
             packed, scales, zeros = (state.pop(f"{param}.{part}") for part in ("qweight", "scales", "zeros"))
         except KeyError as err:
             raise UserError(f"{where}quantized parameter {param!r} lacks its {err.args[0]!r} tensor") from None
+        _check_packed(param, (packed, scales, zeros), entry, spec, where, in_config)
         codes = unpack_codes(packed, spec.bits, entry["in_features"])  # [(E,) out, in]
         if entry["experts"]:
             weight = torch.stack([QuantizedWeight(c, s, z.float(), spec).dequantize() for c, s, z in zip(codes, scales, zeros)])

@@ -275,3 +275,28 @@ def test_sigint_to_moe_train_exits_130_and_leaves_no_rank_behind(tmp_path, cache
     assert process.returncode == 130, output[-3000:]
     assert "stopped by SIGINT" in output and "Traceback" not in output
     assert _alive(ranks) == []
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_a_single_file_trains_and_the_log_says_how_it_was_split(tmp_path, cache):
+    corpus = tmp_path / "one.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(3000)))
+    out_dir = tmp_path / "single"
+    result = _moe(["train", "--config", str(TINY), "--nproc", "1", "--data", str(corpus),
+                   *_sets(out_dir, cache, ["train.steps=2", "train.save_every=2"])])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data: one file: split by byte ranges" in result.stderr
+    assert [r["step"] for r in records(out_dir, "train")] == [1, 2]
+
+
+def test_too_little_data_is_one_line_before_any_rank_starts_or_anything_is_written(tmp_path, cache, capsys):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("far too short for one sequence of 128 bytes\n" * 2)
+    out_dir = tmp_path / "run"
+    code = moe_main(["train", "--config", str(TINY), "--nproc", "2", "--data", str(corpus),
+                     *_sets(out_dir, cache, ["train.steps=2"])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "small.txt" in err[0] and "tokens" in err[0], err
+    assert not out_dir.exists()
