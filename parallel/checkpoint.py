@@ -447,26 +447,27 @@ def _save_tensors(path: Path, tensors: dict, metadata: dict) -> None:
 
 
 def _read_portable(folder: Path, kind: str) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from moe.files import load_safetensors, read_safetensors_metadata
 
     replicated = folder / f"{kind}.safetensors"
     if not replicated.is_file():
         raise CheckpointError(f"checkpoint {str(folder)!r} has no {replicated.name} (not written by this trainer?)")
-    state = load_file(str(replicated))
+    state = load_safetensors(replicated)  # a truncated or corrupted file: one line naming it
     shards = sorted(folder.glob(f"{kind}.experts-*.safetensors"))
     if not shards:
         return state
     pieces: dict[str, list] = {}
     expected_first, total = 0, None
     for shard in shards:  # names sort by first expert
-        with safe_open(str(shard), framework="pt") as f:
-            meta = f.metadata()
+        meta = read_safetensors_metadata(shard)
+        try:
             first, last, total = int(meta["first_expert"]), int(meta["last_expert"]), int(meta["num_experts"])
-            if first != expected_first:
-                raise CheckpointError(f"checkpoint {str(folder)!r} lacks experts {expected_first}..{first - 1} ({kind})")
-            for key in f.keys():
-                pieces.setdefault(key, []).append(f.get_tensor(key))
+        except (KeyError, ValueError):
+            raise CheckpointError(f"{shard}: no expert range in its metadata (not written by this trainer?)") from None
+        if first != expected_first:
+            raise CheckpointError(f"checkpoint {str(folder)!r} lacks experts {expected_first}..{first - 1} ({kind})")
+        for key, tensor in load_safetensors(shard).items():
+            pieces.setdefault(key, []).append(tensor)
         expected_first = last
     if expected_first != total:
         raise CheckpointError(f"checkpoint {str(folder)!r} lacks experts {expected_first}..{total - 1} ({kind})")

@@ -300,3 +300,16 @@ def test_too_little_data_is_one_line_before_any_rank_starts_or_anything_is_writt
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "small.txt" in err[0] and "tokens" in err[0], err
     assert not out_dir.exists()
+
+
+def test_a_truncated_weights_file_in_a_checkpoint_without_manifest_is_one_line(run8, tmp_path, capsys):
+    """Checkpoints from before manifests are still read; a damaged file in one is named in one line."""
+    root = _copy(run8, tmp_path) / "checkpoints"
+    for manifest in root.glob(f"*/{MANIFEST}"):
+        manifest.unlink()
+    weights = root / "step00000008" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code = moe_main(["export", str(root), str(tmp_path / "export")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "step00000008/model.safetensors" in err[0], err
+    assert not (tmp_path / "export").exists()
