@@ -5,13 +5,15 @@ and the same quantization (by default GPTQ + EBSS + AGQ, 4 bits) runs from scrat
 generation, Hessian capture per shard, one solve per linear. The shards are fixed (``--shards``),
 so every run does the same work and produces the same model; only the number of workers that
 share it changes. Printed: wall seconds, Ray tasks, and the speedup over one worker, all measured
-in this run.
+in this run. SIGTERM or SIGINT stop it cleanly (Ray shut down, the temporary outputs removed) with
+exit status 128 + the signal's number.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -38,7 +40,7 @@ def add_parser(which: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from launch.quantize import QuantizeOptions, quantize_model, ray_session
+    from launch.quantize import QuantizeOptions, Stopped, quantize_model, ray_session
 
     try:
         workers = [int(w) for w in args.workers.split(",") if w.strip()]
@@ -54,8 +56,12 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for count in workers:
             out = Path(tmp) / f"workers-{count}"
-            with ray_session(None, num_cpus=count):
-                result = quantize_model(args.model, str(out), options, progress=False)
+            try:
+                with ray_session(None, num_cpus=count):
+                    result = quantize_model(args.model, str(out), options, progress=False)
+            except Stopped as stop:
+                print(f"moe bench quant: stopped by {stop.name}", file=sys.stderr, flush=True)
+                return 128 + stop.signum
             outputs.append(out)
             rows.append({"workers": count, "wall_s": result.wall_s, "ray_tasks": result.ray_tasks})
         base = rows[0]["wall_s"] if rows[0]["workers"] == 1 else None

@@ -6,6 +6,10 @@ PATH is an exported model (``moe export``) or a training checkpoint (the run's `
 folder, whose latest checkpoint is used, or one ``stepNNNNNNNN`` folder in it). The data defaults
 to the corpus the model was trained on, as recorded with it; ``--data`` names another.
 
+Recorded data paths never depend on the directory a command runs in: a relative ``cache_dir`` or
+``path`` recorded with a model is resolved against its run (:func:`resolve_recorded_paths`);
+``--data`` and ``--cache-dir`` typed on the command line are relative to the current directory.
+
 The same :func:`evaluate` runs inside training on every data-parallel rank, each on its share of
 the fixed validation windows, with the sums reduced over the group.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from launch.config import DataConfig
 from launch.data import prepare_corpus, validation_batches
 from moe.errors import UserError
 
@@ -90,9 +96,64 @@ def evaluate(
     }
 
 
+DEFAULT_CACHE_DIR = DataConfig.cache_dir
+"""The cache folder of a data config that names none (a run config's default, relative)."""
+
+
+def recorded_base(model_path) -> Path:
+    """The run folder that relative data paths recorded with the model at ``model_path`` resolve
+    against (never the current directory): ``RUN`` for an export at ``RUN/export``, the run's
+    ``out_dir`` (the folder holding ``checkpoints``) for a checkpoint. Runs record absolute paths
+    (``launch.train``); this serves models recorded before they did, and hand-written metadata."""
+    from moe.pretrained import CONFIG_NAME
+    from parallel.checkpoint import RUN_CONFIG
+
+    path = Path(model_path).expanduser().resolve()
+    if (path / CONFIG_NAME).is_file():  # an export
+        return path.parent
+    if (path / RUN_CONFIG).is_file():  # one step folder of RUN/checkpoints
+        return path.parent.parent
+    return path.parent  # RUN/checkpoints
+
+
+def recorded_data(model_path, data_meta: Optional[dict]) -> dict:
+    """The data config recorded with the model at ``model_path`` with absolute paths: a relative
+    ``path`` or ``cache_dir`` (or none: :data:`DEFAULT_CACHE_DIR`) joined to
+    :func:`recorded_base`; ``val_permille`` 50 when absent."""
+    data = dict(data_meta) if isinstance(data_meta, dict) else {}
+    base: list[Path] = []
+
+    def absolute(value) -> str:
+        if not isinstance(value, (str, os.PathLike)):
+            raise UserError(f"the data recorded with {str(model_path)!r} is invalid: a path is {value!r}; "
+                            f"give the data with --data and --cache-dir")
+        value = Path(value).expanduser()
+        if value.is_absolute():
+            return str(value)
+        if not base:
+            base.append(recorded_base(model_path))
+        return os.path.normpath(base[0] / value)
+
+    if data.get("path") is not None:
+        data["path"] = absolute(data["path"])
+    data["cache_dir"] = absolute(data.get("cache_dir") or DEFAULT_CACHE_DIR)
+    data.setdefault("val_permille", 50)
+    return data
+
+
+def resolve_recorded_paths(model_path, data_meta: Optional[dict]) -> tuple[Optional[str], str, int]:
+    """(data path or None for the built-in corpus, cache folder, val_permille) of the data recorded
+    with the model at ``model_path`` (an export or a checkpoint), the paths absolute and never
+    relative to the current directory (:func:`recorded_data`). Every command that reads a model's
+    training data (eval, slim, quantize, experiment) goes through here."""
+    data = recorded_data(model_path, data_meta)
+    return data.get("path"), data["cache_dir"], int(data["val_permille"])
+
+
 def load_model_for_eval(path: str, device=None) -> tuple[nn.Module, dict]:
-    """(model in eval mode on ``device``, the data config it was trained with or {}) from an export
-    or a checkpoint. ``device``: None for the GPU when there is one, else the CPU."""
+    """(model in eval mode on ``device``, the data config it was trained with, its paths absolute:
+    :func:`recorded_data`) from an export or a checkpoint. ``device``: None for the GPU when there
+    is one, else the CPU."""
     from moe import load_pretrained
     from moe.devices import resolve_device
     from moe.pretrained import CONFIG_NAME
@@ -103,11 +164,11 @@ def load_model_for_eval(path: str, device=None) -> tuple[nn.Module, dict]:
     if (root / CONFIG_NAME).is_file():
         model = load_pretrained(root, device=device)
         meta = json.loads((root / CONFIG_NAME).read_text())
-        return model, meta.get("data") or {}
+        return model, recorded_data(root, meta.get("data"))
     if not root.exists():
         raise UserError(f"model path {path!r} does not exist")
     model, run_config, _ = model_from_checkpoint(root)
-    return model.to(device), run_config.get("data") or {}
+    return model.to(device), recorded_data(root, run_config.get("data"))
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -154,10 +215,11 @@ def evaluate_path(
         raise UserError(f"--seq-len {seq_len} is invalid: expected 1..{model.config.max_seq_len} (the model's max_seq_len)")
     if k is not None:
         set_active_experts(model, k)
+    trained_path, trained_cache, trained_permille = resolve_recorded_paths(path, trained_on)
     splits = prepare_corpus(
-        data if data is not None else trained_on.get("path"),
-        cache_dir or trained_on.get("cache_dir", "runs/cache"),
-        trained_on.get("val_permille", 50) if data is None else 50,
+        data if data is not None else trained_path,
+        cache_dir or trained_cache,  # --cache-dir: relative to the current directory, as typed
+        trained_permille if data is None else 50,
     )
     result = evaluate(model, splits.val, seq_len, batch_size, batches)
     result.update(model=str(path), num_experts=model.config.moe.num_experts, seq_len=seq_len,

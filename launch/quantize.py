@@ -18,7 +18,15 @@ The work (the algorithms are in :mod:`moe.quant`; this module only schedules the
 3. every finished block is written to ``OUT/.partial/``; a job started again with the same
    settings (after a crash, a Ctrl-C or a lost cluster) resumes after the last finished block;
 4. the quantized export in OUT (packed weights, :mod:`moe.quant.storage`), loadable with
-   ``moe.load_pretrained`` and every command that takes ``--model``.
+   ``moe.load_pretrained`` and every command that takes ``--model``. It records the source
+   model's training data with absolute paths (:func:`launch.evaluate.resolve_recorded_paths`).
+
+OUT is never the model folder, inside it, or a folder that holds it
+(:func:`launch.export.check_output_apart`), with or without ``--overwrite``.
+
+SIGTERM and SIGINT stop a quantization cleanly (:func:`stop_on_signals`): the work in flight is
+abandoned, an embedded Ray is shut down, the finished blocks stay in ``OUT/.partial``, and ``moe
+quantize`` says so in one line and exits with 128 + the signal's number (143, 130).
 
 Ray: with no ``--ray-address`` an embedded local Ray is started (and stopped); inside a Ray job
 (``ray job submit ... -- moe quantize ...``, where ``RAY_ADDRESS`` is set) the job's cluster is
@@ -37,8 +45,10 @@ import os
 import shutil
 import signal
 import socket
+import sys
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -137,6 +147,86 @@ class QuantizeOptions:
 
 
 # ------------------------------------------------------------------------------------------------
+# Signals
+# ------------------------------------------------------------------------------------------------
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived during a quantization (:func:`stop_on_signals`). A subclass of
+    ``KeyboardInterrupt``: every ``finally`` and ``except KeyboardInterrupt`` on the way out treats
+    it as a Ctrl-C (Ray is shut down, finished blocks are kept); ``moe quantize`` exits with
+    128 + :attr:`signum`."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        self.name = signal.Signals(self.signum).name
+        super().__init__(self.name)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_stopping = False
+"""A stop (or Ray's shutdown) is under way: a further signal is held, not raised into the clean-up."""
+_held: Optional[int] = None
+"""A signal that arrived while :data:`_stopping`."""
+
+
+def _stop(signum: int) -> Stopped:
+    """The :class:`Stopped` to raise for ``signum``; from now on further signals are held."""
+    global _stopping
+    _stopping = True
+    return Stopped(signum)
+
+
+def _raise_stopped(signum, frame) -> None:
+    global _held
+    if _stopping:
+        _held = _held or signum
+        return
+    raise _stop(signum)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def stop_on_signals():
+    """For the duration of the block, SIGTERM and SIGINT raise :class:`Stopped` in the main thread
+    (once: a second signal waits for the clean-up the first one started); the previous handlers
+    come back afterwards. Nests; does nothing outside the main thread."""
+    global _stopping, _held
+    if not _main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    outermost = any(handler is not _raise_stopped for handler in previous.values())
+    if outermost:
+        _stopping, _held = False, None
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise_stopped)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if outermost:
+            _stopping, _held = False, None
+
+
+def _shutdown_ray(ray) -> Optional[int]:
+    """``ray.shutdown()`` with SIGTERM and SIGINT held back until it is done (an interrupted
+    shutdown leaves Ray's processes behind); returns the signal that arrived meanwhile, if any."""
+    global _stopping, _held
+    was_stopping, held_before = _stopping, _held
+    _stopping, _held = True, None
+    try:
+        ray.shutdown()
+    finally:
+        held, _stopping, _held = _held, was_stopping, held_before
+    return held
+
+
+# ------------------------------------------------------------------------------------------------
 # Ray
 # ------------------------------------------------------------------------------------------------
 
@@ -173,7 +263,12 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None):
     """Ray for the duration of the block: the cluster at ``address``; the job's cluster when run
     by ``ray job submit`` (``RAY_ADDRESS`` set); else an embedded local one, stopped afterwards.
-    Reuses a Ray already initialised in this process."""
+    Reuses a Ray already initialised in this process.
+
+    SIGTERM and SIGINT raise :class:`Stopped` inside the block (:func:`stop_on_signals`; the
+    handler ``ray.init`` installs for SIGTERM, which exits from wherever the process is, is
+    replaced), and Ray is shut down however the block ends, a signal during the shutdown waiting
+    for it to finish."""
     import ray
 
     if ray.is_initialized():
@@ -185,17 +280,33 @@ def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None):
         address = os.environ["RAY_ADDRESS"]
     if address is not None:
         check_reachable(address)
+    with stop_on_signals():
         try:
-            ray.init(address=address, runtime_env=runtime_env, logging_level="ERROR")
-        except Exception as err:  # noqa: BLE001 - any failure to join is the user's cluster problem
-            raise UserError(f"cannot join the Ray cluster at {address!r}: {type(err).__name__}: {err}") from None
-    else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                 runtime_env=runtime_env, logging_level="ERROR")
+            _init_ray(ray, address, num_cpus, runtime_env)
+            yield ray
+        except BaseException:
+            _shutdown_ray(ray)
+            raise
+        held = _shutdown_ray(ray)
+        if held is not None and not _stopping:
+            raise _stop(held)
+
+
+def _init_ray(ray, address: Optional[str], num_cpus: Optional[int], runtime_env: Optional[dict]) -> None:
+    """``ray.init``, then this module's SIGTERM handler again in place of the one it installs."""
     try:
-        yield ray
-    finally:
-        ray.shutdown()
+        if address is not None:
+            try:
+                ray.init(address=address, runtime_env=runtime_env, logging_level="ERROR")
+            except Exception as err:  # noqa: BLE001 - any failure to join is the user's cluster problem
+                raise UserError(f"cannot join the Ray cluster at {address!r}: {type(err).__name__}: {err}") from None
+        else:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                     runtime_env=runtime_env, logging_level="ERROR")
+    except SystemExit:  # the SIGTERM handler ray.init installs first exits: a SIGTERM while Ray starts
+        raise _stop(signal.SIGTERM) from None
+    if _main_thread():
+        signal.signal(signal.SIGTERM, _raise_stopped)
 
 
 def _maybe_die() -> None:
@@ -338,11 +449,16 @@ def calibration_size(model, options: QuantizeOptions) -> tuple[int, int]:
 
 
 def training_tokens(meta: dict, data: Optional[str]):
+    """The training split of ``data`` or, by default, of the corpus recorded in ``meta`` (an
+    export's config as :func:`_read_export_meta` returns it: the recorded paths made absolute)."""
     from launch.data import prepare_corpus
+    from launch.evaluate import DEFAULT_CACHE_DIR
 
     trained_on = meta.get("data") or {}
-    splits = prepare_corpus(data if data is not None else trained_on.get("path"),
-                            trained_on.get("cache_dir", "runs/cache"),
+    cache_dir = trained_on.get("cache_dir") or DEFAULT_CACHE_DIR
+    if not Path(cache_dir).expanduser().is_absolute():
+        raise ValueError(f"training_tokens needs the recorded paths made absolute (_read_export_meta), got {cache_dir!r}")
+    splits = prepare_corpus(data if data is not None else trained_on.get("path"), cache_dir,
                             trained_on.get("val_permille", 50) if data is None else 50)
     return splits.train
 
@@ -536,7 +652,21 @@ def quantize_model(
 
     ``calibration``: token ids ``[n, L]`` to calibrate on instead of building the set (``moe
     quantize --compare`` builds each set once for all methods). ``device``: where the calibration
-    passes run (:func:`calibration_device`; default: the cluster's GPUs when it has any)."""
+    passes run (:func:`calibration_device`; default: the cluster's GPUs when it has any).
+
+    ``out`` apart from ``model_path`` (:func:`launch.export.check_output_apart`) is checked before
+    anything is written. SIGTERM or SIGINT raise :class:`Stopped` (:func:`stop_on_signals`), the
+    finished blocks kept in ``out/.partial`` for the same call to resume."""
+    from launch.export import check_output_apart
+
+    check_output_apart(out, model_path, "--out", "--model")
+    with stop_on_signals():
+        return _quantize(model_path, out, options, ray_address, ray_cpus, data, overwrite, calibration, progress,
+                         device)
+
+
+def _quantize(model_path: str, out: str, options: QuantizeOptions, ray_address, ray_cpus, data, overwrite: bool,
+              calibration: Optional[torch.Tensor], progress: bool, device: Optional[str]) -> QuantizeResult:
     from moe import load_pretrained, set_active_experts
     from moe.pretrained import CONFIG_NAME, WEIGHTS_NAME, write_export
     from moe.quant import rtn
@@ -544,7 +674,7 @@ def quantize_model(
     from moe.quant.storage import QUANT_FORMAT, quantized_state
 
     start = time.perf_counter()
-    target_dir = Path(out)
+    target_dir = Path(out).expanduser()
     if (target_dir / CONFIG_NAME).exists() or (target_dir / WEIGHTS_NAME).exists():
         if not overwrite:
             raise UserError(f"{str(target_dir)!r} already holds an exported model; pass --overwrite to replace it")
@@ -566,7 +696,8 @@ def quantize_model(
         for target in all_targets(config):
             _collect(solved, [target], [rtn(target_weight(state, target), spec)], config.moe.num_experts)
     else:
-        with ray_session(ray_address, ray_cpus) as ray:  # first: a cluster that cannot be reached leaves nothing behind
+        # Ray first: a cluster that cannot be reached leaves nothing behind
+        with ray_session(ray_address, ray_cpus) as ray, ExitStack() as stack:
             target_dir.mkdir(parents=True, exist_ok=True)
             job = Progress(target_dir, {**options.key(), **_model_identity(model_path)}, overwrite)
             cluster = Cluster(ray, calibration_device(ray, device))
@@ -582,6 +713,7 @@ def quantize_model(
                 from tqdm import tqdm
 
                 blocks = tqdm(blocks, desc=f"quantize {options.label} w{options.bits}", unit="block", dynamic_ncols=True)
+                stack.callback(blocks.close)  # closed before a stop's message, not at garbage collection
             for layer_idx in blocks:
                 k = _layer_k(model, layer_idx)
                 block_solved = job.load_block(layer_idx)
@@ -620,7 +752,7 @@ def quantize_model(
         "format": QUANT_FORMAT, "method": options.method, "label": options.label, "spec": spec.to_dict(),
         "options": asdict(options), "tensors": entries, "calibration_sigma": sigma, "ray_tasks": tasks,
         "calibration_device": cluster.device if options.method != "rtn" else None,
-        "wall_s": round(wall, 3), "source": str(model_path),
+        "wall_s": round(wall, 3), "source": str(Path(model_path).expanduser().resolve()),
     }
     extra = {key: meta[key] for key in ("data", "source") if key in meta}
     write_export(model, tensors, target_dir, {**extra, "quantization": quantization})
@@ -640,6 +772,9 @@ def _model_identity(model_path: str) -> dict:
 
 
 def _read_export_meta(model_path: str) -> dict:
+    """An export's ``config.json``, its ``data`` entry with absolute paths (relative ones resolved
+    against the model's run, :func:`launch.evaluate.recorded_data`, never the current directory)."""
+    from launch.evaluate import recorded_data
     from moe.pretrained import CONFIG_NAME, WEIGHTS_NAME
 
     root = Path(model_path)
@@ -647,9 +782,14 @@ def _read_export_meta(model_path: str) -> dict:
         raise UserError(f"{model_path!r} is not an exported model (expected {CONFIG_NAME} and {WEIGHTS_NAME}; "
                          f"`moe export CHECKPOINT OUT` makes one from a training checkpoint)")
     try:
-        return json.loads((root / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as err:
+        meta = json.loads((root / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{root / CONFIG_NAME}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{root / CONFIG_NAME}: not an exported model's config (a JSON {type(meta).__name__})")
+    data = meta.get("data")
+    meta["data"] = recorded_data(root, data if isinstance(data, dict) else None)
+    return meta
 
 
 # ------------------------------------------------------------------------------------------------
@@ -672,12 +812,24 @@ def compare(model_path: str, out: str, bits_list: list[int], base: QuantizeOptio
             device: Optional[str] = None) -> dict:
     """Quantize ``model_path`` every way of :data:`VARIANTS` at each of ``bits_list`` and evaluate
     each on the validation split at the calibration k. Each calibration set is built once (and
-    saved in ``OUT/calibration``); a variant already quantized in OUT is evaluated, not redone."""
+    saved in ``OUT/calibration``); a variant already quantized in OUT is evaluated, not redone.
+    ``out`` must lie apart from ``model_path``; SIGTERM or SIGINT raise :class:`Stopped`, what is
+    finished kept in ``out`` for the same call to resume."""
+    from launch.export import check_output_apart
+
+    check_output_apart(out, model_path, "--out", "--model")
+    with stop_on_signals():
+        return _compare(model_path, out, bits_list, base, ray_address, ray_cpus, data, eval_batches, eval_batch_size,
+                        progress, device)
+
+
+def _compare(model_path: str, out: str, bits_list: list[int], base: QuantizeOptions, ray_address, ray_cpus, data,
+             eval_batches: int, eval_batch_size: int, progress: bool, device: Optional[str]) -> dict:
     from launch.evaluate import evaluate_path
     from moe import load_pretrained, set_active_experts
     from moe.quant.storage import size_on_disk
 
-    root = Path(out)
+    root = Path(out).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     meta = _read_export_meta(model_path)
     model = load_pretrained(model_path, device="cpu")
@@ -826,6 +978,18 @@ def parse_bits(text: str, allow_list: bool) -> list[int]:
     return bits
 
 
+def stopped_message(stop: Stopped, out: str, compare_report: bool = False) -> str:
+    """The one line ``moe quantize`` prints when a signal stopped it: what is kept, how to resume."""
+    if compare_report:
+        return (f"stopped by {stop.name}; finished variants, calibration sets and blocks are kept in {out}, "
+                f"run the same command again to resume")
+    partial = Path(out).expanduser() / PARTIAL_DIR
+    if (partial / "job.json").is_file():
+        return (f"stopped by {stop.name}; finished blocks are kept in {Path(out) / PARTIAL_DIR}, run the same "
+                f"command again to resume")
+    return f"stopped by {stop.name} before any block was finished; run the same command again to start over"
+
+
 def run(args: argparse.Namespace) -> int:
     bits = parse_bits(args.bits, args.compare)
     options = QuantizeOptions(
@@ -835,14 +999,20 @@ def run(args: argparse.Namespace) -> int:
     )
     for b in bits:
         QuantizeOptions(**{**asdict(options), "bits": b})
+    try:
+        if args.compare:
+            report = compare(args.model, args.out, bits, options, args.ray_address, args.ray_cpus, args.data,
+                             args.eval_batches, device=args.device)
+        else:
+            result = quantize_model(args.model, args.out, options, args.ray_address, args.ray_cpus, args.data,
+                                    args.overwrite, device=args.device)
+    except Stopped as stop:
+        print(f"moe quantize: {stopped_message(stop, args.out, args.compare)}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
     if args.compare:
-        report = compare(args.model, args.out, bits, options, args.ray_address, args.ray_cpus, args.data, args.eval_batches,
-                         device=args.device)
         print(compare_table(report), end="")
         print(f"wrote {Path(args.out) / 'compare.md'}, compare.csv, compare.json")
         return 0
-    result = quantize_model(args.model, args.out, options, args.ray_address, args.ray_cpus, args.data, args.overwrite,
-                            device=args.device)
     sigma = "" if result.calibration_sigma is None else f", calibration sigma {result.calibration_sigma:.4f}"
     resumed = f", {result.resumed_blocks} blocks resumed from an earlier run" if result.resumed_blocks else ""
     print(f"quantized {args.model} -> {result.out}: {result.label} W{options.bits} in {result.wall_s:.1f} s, "

@@ -3,7 +3,7 @@
 For each k: validation loss and perplexity, prefill and decode throughput (decode with the KV
 cache, one token per step), active parameters and forward FLOPs per token. Writes ``slim.csv``,
 ``slim.md``, ``slim.json`` and ``slim.png`` (quality and speed against k) to DIR (default
-``PATH/slim``) and prints the table and the paths.
+``PATH/slim``; never PATH itself) and prints the table and the paths.
 
 Budgets pick the largest measured k that fits: ``--budget-ms-per-token X`` (decode time per
 token) or ``--budget-flops X`` (forward FLOPs per token). ``moe generate --experts auto`` applies
@@ -114,7 +114,7 @@ def sweep(path: str, ks: Optional[list[int]] = None, data: Optional[str] = None,
     data) :func:`launch.evaluate.load_model_for_eval` already returned for ``path``; otherwise the
     model is loaded onto ``device`` (None: the GPU when there is one)."""
     from launch.data import prepare_corpus
-    from launch.evaluate import evaluate, load_model_for_eval
+    from launch.evaluate import evaluate, load_model_for_eval, resolve_recorded_paths
     from moe import set_active_experts
     from moe.devices import describe_device
 
@@ -122,9 +122,8 @@ def sweep(path: str, ks: Optional[list[int]] = None, data: Optional[str] = None,
     num_experts = model.config.moe.num_experts
     ks = ks or default_ks(num_experts)
     seq_len = model.config.max_seq_len
-    splits = prepare_corpus(data if data is not None else trained_on.get("path"),
-                            trained_on.get("cache_dir", "runs/cache"),
-                            trained_on.get("val_permille", 50) if data is None else 50)
+    trained_path, cache_dir, val_permille = resolve_recorded_paths(path, trained_on)  # never the current directory
+    splits = prepare_corpus(data if data is not None else trained_path, cache_dir, val_permille if data is None else 50)
     prompt_len = max(1, min(seq_len - decode_tokens, seq_len // 2))
     rows = []
     for k in ks:
@@ -192,14 +191,17 @@ def write_outputs(rows: list[dict], facts: dict, out: Path) -> dict[str, Path]:
 
 def run(args: argparse.Namespace) -> int:
     from launch.evaluate import load_model_for_eval
+    from launch.export import check_output_apart
 
     for name in ("batches", "batch_size", "decode_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.out is not None:  # MODEL/slim, the default, is a folder of its own; MODEL itself would mix files
+        check_output_apart(args.out, args.model, "--out", "--model", nested=True)
     loaded = load_model_for_eval(args.model, args.device)  # fails early, with one line, on a bad path
     ks = parse_ks(args.k, loaded[0].config.moe.num_experts)
     rows, facts = sweep(args.model, ks, args.data, args.batches, args.batch_size, args.decode_tokens, loaded)
-    out = Path(args.out) if args.out else Path(args.model) / SWEEP_DIR
+    out = Path(args.out).expanduser() if args.out else Path(args.model).expanduser() / SWEEP_DIR
     paths = write_outputs(rows, facts, out)
     print(f"moe slim: {facts['model']} on {facts['device']}, torch {facts['torch']}")
     print(markdown_table(rows))

@@ -85,7 +85,7 @@ def run_cli(args: argparse.Namespace) -> int:
     :func:`_run_launcher`)."""
     from launch.joblock import JobLock
 
-    cfg = load_run_config(args.config, _overrides(args))
+    cfg = absolute_paths(load_run_config(args.config, _overrides(args)))
     resume = args.resume or args.resume_from is not None
     _end_step(cfg, args.until_step)
     nproc = args.nproc if args.nproc is not None else max(1, torch.cuda.device_count())
@@ -110,6 +110,17 @@ def run_cli(args: argparse.Namespace) -> int:
         if nproc == 1 and args.master_port is None:
             return train(cfg, resume_from=tag, until_step=args.until_step, lock_held=True)
         return _run_launcher(args, cfg, nproc, tag)
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``out_dir``, ``data.path`` and ``data.cache_dir`` made absolute (relative ones
+    are relative to the directory training starts in, which every rank shares): the run config
+    saved with each checkpoint then names the same folders from wherever it is read."""
+    def absolute(value):
+        return None if value is None else str(Path(value).expanduser().resolve())
+
+    data = dataclasses.replace(cfg.data, path=absolute(cfg.data.path), cache_dir=absolute(cfg.data.cache_dir))
+    return dataclasses.replace(cfg, out_dir=absolute(cfg.out_dir), data=data)
 
 
 def _stderr(text: str) -> None:
@@ -238,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher adds it
     args = parser.parse_args(argv)
     try:
-        cfg = load_run_config(args.config, _overrides(args))
+        cfg = absolute_paths(load_run_config(args.config, _overrides(args)))
         return train(cfg, resume=args.resume, until_step=args.until_step, resume_from=args.resume_from)
     except UserError as err:  # anything else keeps its traceback
         print(f"launch.train: error: {err}", file=sys.stderr)

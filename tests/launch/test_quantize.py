@@ -171,8 +171,11 @@ def test_rtn_and_errors(tiny_export, tmp_path, capsys):
     assert 0 < (w_fp - w_q).abs().max() < w_fp.abs().max() / 100  # 8 bits: close, but quantized
     with pytest.raises(ValueError, match="already holds an exported model"):
         quantize_model(str(tiny_export), str(tmp_path / "rtn"), small_options(method="rtn", agq=False))
-    assert main(["quantize", "--model", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "not-an-export").mkdir()
+    assert main(["quantize", "--model", str(tmp_path / "not-an-export"), "--out", str(tmp_path / "x")]) == 2
     assert "is not an exported model" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(tiny_export), "--out", str(tiny_export), "--overwrite"]) == 2
+    assert "is --model" in capsys.readouterr().err  # never the model's own folder (more in tests/launch/test_paths.py)
     assert main(["quantize", "--model", str(tiny_export), "--out", str(tmp_path / "x"), "--bits", "9"]) == 2
     assert "bits" in capsys.readouterr().err
     assert main(["quantize", "--model", str(tiny_export), "--out", str(tmp_path / "x"), "--method", "rtn", "--agq"]) == 2
@@ -208,7 +211,26 @@ def test_a_killed_worker_is_retried_and_the_result_is_unchanged(reference, tiny_
     _same_tensors(expected, tmp_path / "q")
 
 
-def test_an_interrupted_job_resumes_after_its_last_finished_block(reference, tiny_export, tmp_path):
+def _ray_processes_of(pid: int) -> list[str]:
+    """Command lines of the processes of the local Ray that the process ``pid`` started (its session
+    folder ends with the driver's pid)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"_{pid}/" in cmdline and "session_" in cmdline:
+            found.append(cmdline[:200])
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stopped_job_resumes_after_its_last_finished_block(reference, tiny_export, tmp_path, signum):
+    """Ctrl-C or SIGTERM (a scheduler, `kill`, a preempted node) while block 1 or later is being
+    calibrated: Ray is shut down, one line says how to resume, the exit status is 128 + the signal;
+    the same command again resumes after the finished blocks and gives the undisturbed result."""
     _, expected = reference
     out = tmp_path / "q"
     command = [sys.executable, "-m", "launch.cli", "quantize", "--model", str(tiny_export), "--out", str(out), "--agq",
@@ -219,9 +241,16 @@ def test_an_interrupted_job_resumes_after_its_last_finished_block(reference, tin
     deadline = time.time() + 240
     while not first_block.exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    job.send_signal(signal.SIGINT)  # Ctrl-C, while block 1 or later is being calibrated
+    job.send_signal(signum)
     stdout, stderr = job.communicate(timeout=120)
-    assert job.returncode == 130, stdout[-2000:] + stderr[-3000:]
+    assert job.returncode == 128 + signum, stdout[-2000:] + stderr[-3000:]
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    name = signal.Signals(signum).name
+    assert lines[-1] == (f"moe quantize: stopped by {name}; finished blocks are kept in {out / '.partial'}, run the "
+                         f"same command again to resume"), stderr[-3000:]
+    for crash in ("Traceback", "Aborted", "core dumped", "SIGABRT", "*** "):
+        assert crash not in stderr, stderr[-3000:]
+    assert not _ray_processes_of(job.pid)  # the local Ray it started is shut down
     assert not (out / "config.json").exists()  # no export from a half-done job
     done = sorted(p.name for p in (out / ".partial").glob("block_*.safetensors"))
     assert done and len(done) < 4, done

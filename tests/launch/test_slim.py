@@ -85,6 +85,8 @@ def test_slim_bad_input(exported, tmp_path, capsys):
     path, _ = exported
     assert main(["slim", "--model", str(path), "--k", "5"]) == 2
     assert "every k must be in 1..4" in capsys.readouterr().err
+    assert main(["slim", "--model", str(path), "--out", str(path / ".." / path.name)]) == 2  # MODEL itself: refused
+    assert "is --model" in capsys.readouterr().err and not (path / "slim.csv").exists()
     assert main(["slim", "--model", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["generate", "--model", str(path), "--prompt", "x", "--experts", "auto", "--budget-flops", "1"]) == 2
