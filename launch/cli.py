@@ -26,36 +26,53 @@ its traceback (exit status 1). Ctrl-C exits with 130.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from moe.errors import UserError
+# name -> (module whose add_parser defines the command, the line `moe --help` shows). `moe --help`
+# imports none of them (no torch: it answers at once); `moe NAME ...` imports NAME's module alone.
+COMMANDS = {
+    "train": ("launch.train", "train a MoE language model (wraps the deepspeed launcher)"),
+    "eval": ("launch.evaluate", "validation loss, perplexity, MaxVio and tokens/s of a model"),
+    "export": ("launch.export", "write a checkpoint's model as safetensors + JSON config"),
+    "generate": ("launch.generate", "generate text at a chosen number of active experts"),
+    "slim": ("launch.slim", "quality, speed and cost of one model at every k"),
+    "quantize": ("launch.quantize", "GPTQ / RTN weight quantization with EBSS and AGQ, over Ray"),
+    "experiment": ("launch.experiments", "train, evaluate and tabulate an experiment (slimming, balancing)"),
+    "config": ("launch.inspect_config", "validate a run config and print its model's parameter counts"),
+    "demo": ("launch.demo", "train one MoE layer on a synthetic skewed stream and print routing statistics"),
+    "bench": ("launch.bench", "benchmarks (printed tables, measured in one run)"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from launch import bench, demo, evaluate, experiments, export, generate, inspect_config, quantize, slim, train
-
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``moe`` parser: every command defined by its module, or with ``only``, that command
+    defined and the others listed by name (their modules not imported)."""
     parser = argparse.ArgumentParser(
         prog="moe",
         description="Mixture-of-Experts training, quantization and self-slimming inference.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    train.add_parser(commands)
-    evaluate.add_parser(commands)
-    export.add_parser(commands)
-    generate.add_parser(commands)
-    slim.add_parser(commands)
-    quantize.add_parser(commands)
-    experiments.add_parser(commands)
-    inspect_config.add_parser(commands)
-    demo.add_parser(commands)
-    bench.add_parser(commands)
+    for name, (module, help_text) in COMMANDS.items():
+        if only is None or name == only:
+            importlib.import_module(module).add_parser(commands)
+        else:
+            commands.add_parser(name, help=help_text)
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = _command_of(argv)
+    parser = build_parser(name if name in COMMANDS else "")  # "" defines none: help and errors stay light
     args = parser.parse_args(argv)
+    from moe.errors import UserError
+
     try:
         return int(args.func(args) or 0)
     except UserError as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -115,3 +116,28 @@ def test_an_error_that_is_not_the_users_keeps_its_traceback(monkeypatch):
 
     monkeypatch.setattr(demo, "run", user_mistake)
     assert main(["demo"]) == 2
+
+
+def test_moe_help_imports_no_heavy_package():
+    """`moe --help` lists every command without importing any command's module (nor torch,
+    deepspeed or ray, whose imports took seconds), and `moe NAME` imports NAME's module alone."""
+    probe = ("import sys\nfrom launch import cli\n"
+             "try:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print('LOADED', sorted(m for m in ('torch', 'deepspeed', 'ray', 'launch.train', 'launch.quantize', "
+             "'launch.evaluate') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe, "--help"], capture_output=True, text=True, check=True)
+    assert "LOADED []" in result.stdout, result.stdout
+    assert all(name in result.stdout for name in ("train", "eval", "quantize", "bench", "experiment"))
+    result = subprocess.run([sys.executable, "-c", probe, "export", "--help"], capture_output=True, text=True,
+                            check=True)
+    loaded = result.stdout.split("LOADED")[-1]
+    assert "launch.train" not in loaded and "launch.quantize" not in loaded, loaded
+
+
+def test_the_light_command_list_says_what_each_command_module_says():
+    from launch.cli import COMMANDS, build_parser
+
+    full = build_parser()
+    subparsers = next(a for a in full._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {choice.dest: choice.help for choice in subparsers._choices_actions}
+    assert helps == {name: help_text for name, (_, help_text) in COMMANDS.items()}
