@@ -134,7 +134,8 @@ def _run_launcher(args: argparse.Namespace, cfg: RunConfig, nproc: int, tag: Opt
     SIGINT or SIGTERM to this process goes to the ranks (which save a checkpoint at the end of the
     step and stop); this process then waits up to ``--stop-timeout`` seconds and exits 128 +
     signal. Ranks still running then, or after a second signal, are terminated (SIGTERM, then
-    SIGKILL). Whatever way the launcher ends, nothing of its process group outlives this process."""
+    SIGKILL). Whatever way the launcher ends, nothing of its process group outlives this process
+    (unless this process itself is killed by SIGKILL, which it cannot see)."""
     from launch.joblock import HOLDER_ENV
     from parallel.engine import free_port
 
