@@ -156,6 +156,7 @@ def load_model_for_eval(path: str, device=None) -> tuple[nn.Module, dict]:
     is one, else the CPU."""
     from moe import load_pretrained
     from moe.devices import resolve_device
+    from moe.files import read_json
     from moe.pretrained import CONFIG_NAME
     from parallel.checkpoint import model_from_checkpoint
 
@@ -163,7 +164,7 @@ def load_model_for_eval(path: str, device=None) -> tuple[nn.Module, dict]:
     root = Path(path)
     if (root / CONFIG_NAME).is_file():
         model = load_pretrained(root, device=device)
-        meta = json.loads((root / CONFIG_NAME).read_text())
+        meta = read_json(root / CONFIG_NAME, what="exported model's config")
         return model, recorded_data(root, meta.get("data"))
     if not root.exists():
         raise UserError(f"model path {path!r} does not exist")

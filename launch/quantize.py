@@ -541,7 +541,9 @@ class Progress:
         self.key = key
         job = self.root / "job.json"
         if job.exists():
-            saved = json.loads(job.read_text())
+            from moe.files import read_json
+
+            saved = read_json(job, what="unfinished quantization's settings (--overwrite discards it)")
             if saved != key and not overwrite:
                 changed = sorted(name for name in set(saved) | set(key) if saved.get(name) != key.get(name))
                 raise UserError(
@@ -557,34 +559,43 @@ class Progress:
         return self.root / f"block_{layer_idx:04d}.safetensors"
 
     def load_calibration(self) -> Optional[torch.Tensor]:
-        from safetensors.torch import load_file
+        from moe.files import load_safetensors
 
         path = self.root / "calibration.safetensors"
-        return load_file(str(path))["input_ids"] if path.exists() else None
+        if not path.exists():
+            return None
+        tensors = load_safetensors(path)
+        if "input_ids" not in tensors:
+            raise UserError(f"{path}: holds no input_ids (not a calibration set); pass --overwrite to start over")
+        return tensors["input_ids"]
 
     def save_calibration(self, input_ids: torch.Tensor) -> None:
         _atomic_save({"input_ids": input_ids.contiguous()}, self.root / "calibration.safetensors")
 
     def load_block(self, layer_idx: int):
         """``{param: QuantizedWeight or [per expert]}`` of a finished block, or None."""
-        from safetensors import safe_open
-
+        from moe.files import load_safetensors, read_safetensors_metadata
         from moe.quant import QuantizedWeight, QuantSpec, unpack_codes
 
         path = self._block_path(layer_idx)
         if not path.exists():
             return None
-        with safe_open(str(path), framework="pt") as f:
-            entries = json.loads(f.metadata()["tensors"])
-            spec = QuantSpec.from_dict(json.loads(f.metadata()["spec"]))
+        meta = read_safetensors_metadata(path)  # a truncated or corrupted file: one line naming it
+        tensors = load_safetensors(path)
+        try:
+            entries = json.loads(meta["tensors"])
+            spec = QuantSpec.from_dict(json.loads(meta["spec"]))
             solved = {}
             for param, entry in entries.items():
-                codes = unpack_codes(f.get_tensor(f"{param}.qweight"), spec.bits, entry["in_features"])
-                scales, zeros = f.get_tensor(f"{param}.scales"), f.get_tensor(f"{param}.zeros").float()
+                codes = unpack_codes(tensors[f"{param}.qweight"], spec.bits, entry["in_features"])
+                scales, zeros = tensors[f"{param}.scales"], tensors[f"{param}.zeros"].float()
                 if entry["experts"]:
                     solved[param] = [QuantizedWeight(c, s, z, spec) for c, s, z in zip(codes, scales, zeros)]
                 else:
                     solved[param] = QuantizedWeight(codes, scales, zeros, spec)
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{path}: not a finished block of this quantization ({type(err).__name__}: {err}); "
+                            "pass --overwrite to start over") from None
         return solved
 
     def save_block(self, layer_idx: int, solved: dict, spec) -> None:
@@ -781,12 +792,9 @@ def _read_export_meta(model_path: str) -> dict:
     if not (root / CONFIG_NAME).is_file() or not (root / WEIGHTS_NAME).is_file():
         raise UserError(f"{model_path!r} is not an exported model (expected {CONFIG_NAME} and {WEIGHTS_NAME}; "
                          f"`moe export CHECKPOINT OUT` makes one from a training checkpoint)")
-    try:
-        meta = json.loads((root / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{root / CONFIG_NAME}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{root / CONFIG_NAME}: not an exported model's config (a JSON {type(meta).__name__})")
+    from moe.files import read_json
+
+    meta = read_json(root / CONFIG_NAME, what="exported model's config")
     data = meta.get("data")
     meta["data"] = recorded_data(root, data if isinstance(data, dict) else None)
     return meta

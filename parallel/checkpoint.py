@@ -189,7 +189,9 @@ def resolve(path: str | os.PathLike) -> tuple[Path, str]:
 
 
 def read_run_config(root: str | os.PathLike, tag: str) -> dict:
-    return json.loads((Path(root) / tag / RUN_CONFIG).read_text())
+    from moe.files import read_json
+
+    return read_json(Path(root) / tag / RUN_CONFIG, what="run config of the checkpoint")
 
 
 def check_same_model(saved_model: dict, model: dict, where: str) -> None:

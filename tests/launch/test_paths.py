@@ -202,3 +202,22 @@ def test_a_run_with_relative_paths_exports_absolute_ones_and_evaluates_from_anyw
     assert list(elsewhere.iterdir()) == []
     assert sorted(p.name for p in (work / "runs" / "cache").iterdir()) == caches  # the run's own cache, reused
     assert not (run / "runs").exists()
+
+
+def test_a_damaged_resume_file_of_quantize_is_one_line(tmp_path):
+    """The files an unfinished quantization resumes from are checked like every other file."""
+    from launch.quantize import Progress
+    from moe.errors import UserError
+
+    progress = Progress(tmp_path, {"method": "gptq"}, overwrite=False)
+    progress.save_calibration(torch.zeros(2, 3, dtype=torch.int64))
+    calibration = progress.root / "calibration.safetensors"
+    calibration.write_bytes(calibration.read_bytes()[:20])
+    with pytest.raises(UserError, match="calibration.safetensors"):
+        progress.load_calibration()
+    (progress.root / "block_0000.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(UserError, match="block_0000.safetensors"):
+        progress.load_block(0)
+    (progress.root / "job.json").write_text("{not json")
+    with pytest.raises(UserError, match="job.json"):
+        Progress(tmp_path, {"method": "gptq"}, overwrite=False)
