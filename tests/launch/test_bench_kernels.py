@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from launch import bench_kernels as bk
+from launch.bench import kernels as bk
 
 
 def test_swiglu_flops_match_a_hand_count():

@@ -210,7 +210,7 @@ def test_plan_wheels_installs_what_is_missing_old_or_pinned(tmp_path):
 
 
 def test_slug_matches_bench_kernels():
-    from launch.bench_kernels import gpu_slug
+    from launch.bench.kernels import gpu_slug
 
     for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "Tesla V100-SXM2-16GB"):
         assert report.slug(name) == gpu_slug(name)

@@ -139,7 +139,7 @@ def test_eval_slim_and_quantize_resolve_recorded_paths_against_the_run(relative_
     assert main(["slim", "--model", str(relative_export), "--k", "1,2", "--batches", "1", "--batch-size", "2",
                  "--decode-tokens", "2", "--device", "cpu"]) == 0
     # quantize: the quantized export records the paths absolute, so it evaluates on the same split
-    from launch.quantize import _read_export_meta, training_tokens
+    from launch.quantize.job import _read_export_meta, training_tokens
 
     meta = _read_export_meta(str(relative_export))
     assert meta["data"] == {"path": str(run / "corpus"), "val_permille": 300, "cache_dir": str(run / "runs" / "cache")}
@@ -206,7 +206,7 @@ def test_a_run_with_relative_paths_exports_absolute_ones_and_evaluates_from_anyw
 
 def test_a_damaged_resume_file_of_quantize_is_one_line(tmp_path):
     """The files an unfinished quantization resumes from are checked like every other file."""
-    from launch.quantize import Progress
+    from launch.quantize.job import Progress
     from moe.errors import UserError
 
     progress = Progress(tmp_path, {"method": "gptq"}, overwrite=False)

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 import moe
 from launch.cli import main
-from launch.quantize import QuantizeOptions, quantize_model, ray_session
+from launch.quantize.cluster import ray_session
+from launch.quantize.job import QuantizeOptions, quantize_model
 from moe.quant import QuantSpec, gptq
 from moe.quant.calibrate import set_target_weight, stage_targets, target_weight
 from parallel.engine import free_port
@@ -120,7 +121,7 @@ def test_pipeline_matches_a_reference_without_ray(reference, tiny_export):
     assert result.ray_tasks > 0 and result.label == "GPTQ + AGQ"
     expected = moe.load_pretrained(tiny_export)
     moe.set_active_experts(expected, 2)
-    from launch.quantize import make_calibration
+    from launch.quantize.job import make_calibration
 
     meta = json.loads((Path(tiny_export) / "config.json").read_text())
     calibration = make_calibration(expected, meta, small_options(), None)
@@ -263,7 +264,7 @@ def test_a_stopped_job_resumes_after_its_last_finished_block(reference, tiny_exp
 
 
 def test_other_settings_do_not_resume_a_partial_job(tmp_path):
-    from launch.quantize import Progress
+    from launch.quantize.job import Progress
 
     Progress(tmp_path, {"bits": 4}, overwrite=False)
     with pytest.raises(ValueError, match=r"unfinished quantization with other settings \(bits\)"):

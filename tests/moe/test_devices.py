@@ -49,7 +49,7 @@ def test_eval_on_a_missing_gpu_is_one_line_and_exit_2(tmp_path, capsys, monkeypa
 
 
 def test_calibration_runs_on_the_clusters_gpus_unless_told_otherwise():
-    from launch.quantize import GPUS_PER_TASK, MODEL_TASKS, Cluster, calibration_device
+    from launch.quantize.cluster import GPUS_PER_TASK, MODEL_TASKS, Cluster, calibration_device
 
     def cluster(gpus):
         return types.SimpleNamespace(cluster_resources=lambda: {"CPU": 16.0, **({"GPU": gpus} if gpus else {})})

@@ -71,7 +71,7 @@ def run_cli(args: argparse.Namespace) -> int:
             env.setdefault("DS_ACCELERATOR", "cpu")
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                   str(free_port()), "--module", "launch.bench_ep", "--out", str(out),
+                   str(free_port()), "--module", "launch.bench.ep", "--out", str(out),
                    "--steps", str(args.steps), "--warmup", str(args.warmup)]
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0 or not out.exists():
@@ -113,7 +113,7 @@ def _measure(name: str, overrides: list, ep: int, steps: int, warmup: int, rank:
     from parallel.expert_parallel import apply_expert_parallel, exchange_stats
     from parallel.groups import expert_parallel_groups
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     cfg = load_run_config(repo / "configs" / "tiny.yaml", [*overrides, "train.grad_clip=1.0"])
     torch.manual_seed(0)
     model = MoETransformer(cfg.model)
@@ -158,7 +158,7 @@ def _measure(name: str, overrides: list, ep: int, steps: int, warmup: int, rank:
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="launch.bench_ep")
+    parser = argparse.ArgumentParser(prog="launch.bench.ep")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
@@ -177,7 +177,7 @@ def main(argv: Optional[list] = None) -> int:
     if rank == 0:
         from launch.config import load_run_config
 
-        cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+        cfg = load_run_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
         report = {"world_size": world, "device": "cuda" if torch.cuda.is_available() else "cpu",
                   "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
                   "warmup": args.warmup, "tokens_per_rank": cfg.train.micro_batch_size * cfg.train.seq_len,

@@ -1,6 +1,4 @@
-"""``moe bench ...``: benchmarks that print ratios measured side by side in one run.
-
-``moe bench layer`` times forward + backward of one SwiGLU MoE layer (fp32, CPU, T tokens) for a
+"""``moe bench layer`` times forward + backward of one SwiGLU MoE layer (fp32, CPU, T tokens) for a
 few shapes (d, f, E, k), against the dropless MoE of DeepSpeed and against dense matmuls of the
 same FLOPs:
 
@@ -41,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from launch.bench.shapes import parse_shapes
 from moe.errors import UserError
 
 DEFAULT_SHAPES = "256,512,8,2;256,128,64,6;512,1024,16,1"
@@ -70,42 +69,13 @@ TIME_KEYS = tuple(key for key, _, _ in COLUMNS if key.endswith("_ms"))
 Step = Callable[[], float]
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("bench", help="benchmarks (printed tables, measured in one run)")
-    which = parser.add_subparsers(dest="bench", metavar="WHAT")
-    which.required = True
+def add_parser(which: argparse._SubParsersAction) -> None:
     layer = which.add_parser("layer", help="MoE layer vs deepspeed.moe vs dense matmuls of equal FLOPs (CPU, fp32)")
     layer.add_argument("--tokens", type=int, default=4096, help="tokens T per forward (default 4096)")
     layer.add_argument("--repeats", type=int, default=11, help="timed rounds; medians are reported (default 11)")
     layer.add_argument("--shapes", default=DEFAULT_SHAPES, help=f'"d,f,E,k;..." (default "{DEFAULT_SHAPES}")')
     layer.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     layer.set_defaults(func=_run_layer)
-    from launch import bench_ep, bench_kernels, bench_quant
-
-    bench_ep.add_parser(which)
-    bench_kernels.add_parser(which)
-    bench_quant.add_parser(which)
-
-
-def parse_shapes(text: str, fields: str = "d,f,E,k") -> list[tuple[int, ...]]:
-    """``"d,f,E,k;..."`` (or the ``fields`` given, E and k always third and fourth) -> tuples of
-    positive integers; a ValueError names the bad item."""
-    count = len(fields.split(","))
-    words = {4: "four", 5: "five"}.get(count, str(count))
-    shapes = []
-    for item in filter(None, (part.strip() for part in text.split(";"))):
-        try:
-            shape = tuple(int(value) for value in item.split(","))
-        except ValueError:
-            shape = ()
-        if len(shape) != count or min(shape) < 1:
-            raise UserError(f'--shapes: {item!r} is not "{fields}" with {words} positive integers')
-        if shape[3] > shape[2]:
-            raise UserError(f"--shapes: {item!r} has k={shape[3]} > E={shape[2]} (each token's k experts are distinct)")
-        shapes.append(shape)
-    if not shapes:
-        raise UserError(f'--shapes: no shape given; expected "{fields};..."')
-    return shapes
 
 
 def _timed(run: Callable[[], None], leaves: list[torch.Tensor]) -> Step:

@@ -40,7 +40,8 @@ def add_parser(which: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from launch.quantize import QuantizeOptions, Stopped, quantize_model, ray_session
+    from launch.quantize.cluster import Stopped, ray_session
+    from launch.quantize.job import QuantizeOptions, quantize_model
 
     try:
         workers = [int(w) for w in args.workers.split(",") if w.strip()]

@@ -106,7 +106,7 @@ def tflops(flops: float, ms: Optional[float]) -> Optional[float]:
 
 def parse_shapes(text: str) -> list[tuple[int, int, int, int, int]]:
     """``"d,f,E,k,T;..."`` -> [(d, f, E, k, T), ...]; a ValueError names the bad item."""
-    from launch.bench import parse_shapes as parse
+    from launch.bench.shapes import parse_shapes as parse
 
     return parse(text, "d,f,E,k,T")
 
@@ -462,7 +462,7 @@ def measure(shapes, backends, routings, warmup: int, repeats: int, seed: int, de
 
 
 def default_out_path(gpu_name: str) -> Path:
-    return Path(__file__).resolve().parents[1] / "benchmarks" / f"kernels-{gpu_slug(gpu_name)}.md"
+    return Path(__file__).resolve().parents[2] / "benchmarks" / f"kernels-{gpu_slug(gpu_name)}.md"
 
 
 def run(args: argparse.Namespace) -> int:
