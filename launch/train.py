@@ -96,7 +96,7 @@ def run_cli(args: argparse.Namespace) -> int:
             f"parallel.expert_parallel_size={cfg.parallel.expert_parallel_size} is invalid: it must divide the "
             f"number of ranks (--nproc {nproc})"
         )
-    check_out_dir(cfg, resume, args.resume_from, log=_stderr)  # reads only: a refused run writes nothing
+    chosen = check_out_dir(cfg, resume, args.resume_from, log=_stderr)  # reads only: a refused run writes nothing
     from launch.data import check_training_data, prepare_corpus
 
     splits = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)  # once, before any rank starts
@@ -106,7 +106,8 @@ def run_cli(args: argparse.Namespace) -> int:
         if lock.previous:
             _stderr(f"out_dir {cfg.out_dir}: the job that last held it (pid {lock.previous.get('pid')}) ended "
                     "without releasing it; taking it over")
-        tag = check_out_dir(cfg, resume, args.resume_from, log=_stderr)  # again, now that no job can write
+        # again, now that no other job can write: the same checkpoint, its sizes (it was just hashed)
+        tag = check_out_dir(cfg, resume, chosen, checksums=False, log=lambda line: None)
         if nproc == 1 and args.master_port is None:
             return train(cfg, resume_from=tag, until_step=args.until_step, lock_held=True)
         return _run_launcher(args, cfg, nproc, tag)
