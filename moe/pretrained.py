@@ -139,72 +139,22 @@ def check_tensors(state: Mapping[str, torch.Tensor], config: ModelConfig, weight
                   config_path: os.PathLike | str) -> None:
     """A :class:`UserError` in one line when the tensors ``state`` (read from ``weights``) are not
     those of a model with ``config`` (read from ``config_path``): the first tensor whose shape
-    differs, the missing and the unexpected tensor names, and the config field that may be wrong."""
+    differs, and the missing and the unexpected tensor names."""
     expected = tensor_shapes(config)
     problems = []
     for name, shape in expected.items():
         if name in state and tuple(state[name].shape) != shape:
             found = tuple(state[name].shape)
-            problems.append(f"{name} has shape {found} in the weights and {shape} in the config"
-                            f"{_hint(_shape_suspects(config, name, found, shape))}")
+            problems.append(f"{name} has shape {found} in the weights and {shape} in the config")
             break
     missing = [name for name in expected if name not in state]
     unexpected = [name for name in state if name not in expected]
     if missing or unexpected:
         names = [f"missing tensors {_names(missing)}"] if missing else []
         names += [f"unexpected tensors {_names(unexpected)}"] if unexpected else []
-        problems.append("; ".join(names) + _hint(_name_suspects(config, set(state))))
+        problems.append("; ".join(names))
     if problems:
         raise UserError(f"{weights} does not match {config_path}: {'; '.join(problems)}")
-
-
-_SHAPE_FIELDS = ("vocab_size", "dense_ffn_hidden_size", "moe.hidden_size", "moe.ffn_hidden_size", "moe.num_experts")
-
-
-def _with(config: ModelConfig, field: str, value) -> ModelConfig | None:
-    """``config`` with ``field`` (``moe.x`` for the MoE layer's) set to ``value``; None if invalid."""
-    values = config.to_dict()
-    *parents, leaf = field.split(".")
-    target = values
-    for parent in parents:
-        target = target[parent]
-    target[leaf] = value
-    try:
-        return ModelConfig.from_dict(values)
-    except ValueError:
-        return None
-
-
-def _shape_suspects(config: ModelConfig, name: str, found: tuple, shape: tuple) -> list[str]:
-    """The size fields whose change changes ``name``'s shape where the weights disagree with it."""
-    dims = [i for i, (a, b) in enumerate(zip(found, shape)) if a != b] if len(found) == len(shape) else range(len(shape))
-    suspects = []
-    for field in _SHAPE_FIELDS:
-        current = getattr(config.moe, field[4:]) if field.startswith("moe.") else getattr(config, field)
-        # doubling keeps every divisibility rule; an unset width gets one larger than any size here
-        changed = _with(config, field, 2 * current if current is not None else 2 * max(shape, default=1) + 1)
-        other = tensor_shapes(changed).get(name) if changed is not None else None
-        if other is not None and (len(other) != len(shape) or any(other[i] != shape[i] for i in dims)):
-            suspects.append(f"model.{field}")
-    return suspects
-
-
-def _name_suspects(config: ModelConfig, names: set) -> list[str]:
-    """The fields that, set to another value, give exactly the tensor names ``names``."""
-    blocks = {int(n.split(".")[1]) for n in names if n.startswith("blocks.") and n.split(".")[1].isdigit()}
-    candidates = [("num_layers", max(blocks) + 1)] if blocks else []
-    candidates += [("moe_every", every) for every in range(1, min(config.num_layers, 16) + 1)]
-    candidates += [("tie_embeddings", not config.tie_embeddings)]
-    suspects = []
-    for field, value in candidates:
-        changed = _with(config, field, value) if value != getattr(config, field) else None
-        if changed is not None and set(tensor_shapes(changed)) == names and f"model.{field}" not in suspects:
-            suspects.append(f"model.{field}")
-    return suspects
-
-
-def _hint(fields: list[str]) -> str:
-    return f" ({' or '.join(fields)}?)" if fields else ""
 
 
 def _names(names: list[str], shown: int = 5) -> str:

@@ -163,19 +163,18 @@ DAMAGE = {
     "active_experts not ints": (_config(lambda m: m.update(active_experts=["2", 2])), "config.json", "active_experts"),
     "num_experts changed": (_config(lambda m: m["model"]["moe"].update(num_experts=8)), "config.json",
                             "model.safetensors does not match .*config.json: blocks.0.ffn.router.weight has shape "
-                            "\\(4, 8\\) in the weights and \\(8, 8\\) in the config \\(model.moe.num_experts\\?\\)$"),
+                            "\\(4, 8\\) in the weights and \\(8, 8\\) in the config$"),
     "ffn width changed": (_config(lambda m: m["model"]["moe"].update(ffn_hidden_size=6)), "config.json",
                           "blocks.0.ffn.experts.w1 has shape \\(4, 8, 4\\) in the weights and \\(4, 8, 6\\) in the "
-                          "config \\(model.moe.ffn_hidden_size\\?\\)$"),
+                          "config$"),
     "num_layers changed": (_config(lambda m: m["model"].update(num_layers=3)), "config.json",
-                           "does not match .*: missing tensors blocks.2.attn_norm.weight, .* and \\d+ more "
-                           "\\(model.num_layers\\?\\)$"),
+                           "does not match .*: missing tensors blocks.2.attn_norm.weight, .* and \\d+ more$"),
     "extra tensor": (_weights(lambda s: s.update(extra=torch.zeros(2))), "model.safetensors",
                      "does not match .*config.json: unexpected tensors extra$"),
     "missing tensor": (_weights(lambda s: s.pop("norm.weight")), "model.safetensors",
                        "does not match .*config.json: missing tensors norm.weight$"),
     "tie_embeddings changed": (_config(lambda m: m["model"].update(tie_embeddings=False)), "config.json",
-                               "missing tensors lm_head.weight \\(model.tie_embeddings\\?\\)$"),
+                               "missing tensors lm_head.weight$"),
 }
 
 
@@ -260,7 +259,7 @@ def test_a_quantized_export_loads_and_its_damage_names_the_file(tmp_path):
         (lambda m: m["quantization"]["tensors"]["blocks.1.ffn.experts.w1"].update(experts=2), weights,
          "blocks.1.ffn.experts.w1.qweight is torch.uint8 (4, 4, 4)"),
         (lambda m: m["model"]["moe"].update(num_experts=8), weights,
-         "blocks.0.ffn.router.weight has shape (4, 8) in the weights and (8, 8) in the config (model.moe.num_experts?)"),
+         "blocks.0.ffn.router.weight has shape (4, 8) in the weights and (8, 8) in the config"),
     ]
     for change, named, text in cases:
         meta = json.loads(json.dumps(original))
