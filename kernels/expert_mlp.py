@@ -15,6 +15,12 @@ where ``expert(v) = act(v @ w1[e]) @ w2[e]`` and SwiGLU's ``act = silu(v @ w1[e]
 
 Backends:
 
+- "auto" (the default): the path measured fastest for the inputs, chosen from their device, dtype
+  and shapes alone (never a host sync): see :func:`choose_backend`.
+- "gather": one slice of each weight per grouped row (``w1[expert of row]``), batched matrix-vector
+  products, weighted ``index_add``; autograd does the backward. Memory grows with rows times the
+  expert size, so it is for a few rows (decoding), where it is the one CPU path ``torch.compile``
+  traces without a graph break.
 - "loop": :func:`expert_mlp_reference`: gather, three :func:`~kernels.grouped_mm` calls, torch
   activations, weighted ``index_add``, all differentiated by autograd. The readable definition.
 - "triton" (the default): on CUDA, the Triton kernels of :mod:`kernels.triton_ops` (gather fused
@@ -47,7 +53,66 @@ from kernels import cpu_extension
 from kernels.grouped_mm import grouped_mm, triton_on_cpu
 
 ACTIVATIONS = ("swiglu", "gelu", "relu")
-EXPERT_BACKENDS = ("triton", "torch", "loop")
+EXPERT_BACKENDS = ("auto", "triton", "torch", "loop", "gather")
+
+# backend="auto" on CUDA, from the H100 measurements of issue 17 (bf16, forward+backward, uniform
+# routing, `moe bench kernels`): where every expert's GEMMs are large (d and f both >= 4096) and
+# well fed (>= 1024 rows per expert on average), torch's F.grouped_mm beat the Triton kernels
+# (584 vs 417 TFLOP/s at d=4096, f=14336, E=8, k=2); with fine-grained experts the Triton kernels,
+# which fuse the gather and the weighted scatter, won (384 vs 328 at d=2048, f=1408, E=64; 258 vs
+# 175 at d=1024, f=512, E=128). `moe bench kernels` prints which path "auto" takes per shape.
+GROUPED_MM_MIN_WIDTH = 4096
+GROUPED_MM_MIN_ROWS_PER_EXPERT = 1024
+# backend="auto" on CPU under torch.compile: "gather" while its gathered weights stay this small.
+GATHER_MAX_BYTES = 32 << 20
+
+
+def choose_backend(device_type: str, num_rows: int, num_experts: int, hidden: int, ffn: int, element_size: int,
+                   swiglu: bool, grouped_mm_supported: bool, compiling: bool) -> str:
+    """The backend ``"auto"`` takes: a pure function of the inputs' kind and shapes.
+
+    CUDA: "torch" (F.grouped_mm) for large, well-fed experts where F.grouped_mm supports the
+    inputs, else "triton". Elsewhere: "gather" under ``torch.compile`` for a few rows (it traces
+    without a graph break, so a decode step compiles with ``fullgraph=True``), else "torch" (the
+    C++ CPU kernel).
+    """
+    if device_type == "cuda":
+        large = min(hidden, ffn) >= GROUPED_MM_MIN_WIDTH
+        fed = num_rows >= GROUPED_MM_MIN_ROWS_PER_EXPERT * num_experts
+        return "torch" if grouped_mm_supported and large and fed else "triton"
+    gathered_bytes = num_rows * hidden * ffn * (3 if swiglu else 2) * element_size
+    if compiling and gathered_bytes <= GATHER_MAX_BYTES:
+        return "gather"
+    return "torch"
+
+
+def _auto_backend(x, row_index, w1, w3) -> str:
+    from kernels.grouped_mm import _torch_grouped_mm_supported
+
+    num_experts, hidden, ffn = w1.shape
+    if not x.is_cuda and triton_on_cpu():  # asked for the Triton kernels in the interpreter
+        return "triton"
+    return choose_backend(
+        x.device.type, row_index.shape[0], num_experts, hidden, ffn, x.element_size(), w3 is not None,
+        _torch_grouped_mm_supported(x, w1) if x.is_cuda else False, torch.compiler.is_compiling(),
+    )
+
+
+def expert_mlp_gathered(x, row_index, row_weight, offsets, w1, w3, w2, activation="swiglu"):
+    """Backend "gather": each grouped row multiplies its own expert's weight slices (gathered);
+    rows past ``offsets[-1]`` belong to no expert and add nothing. Fixed shapes, no host sync."""
+    num_rows = row_index.shape[0]
+    positions = torch.arange(num_rows, device=offsets.device, dtype=offsets.dtype)
+    expert = torch.searchsorted(offsets, positions, right=True)  # [N]: the group each row falls in
+    in_group = expert < w1.shape[0]
+    expert = expert.clamp_max(w1.shape[0] - 1).to(x.device)
+    rows = x.index_select(0, row_index).unsqueeze(1)  # [N, 1, d]
+    h1 = torch.bmm(rows, w1.index_select(0, expert))  # [N, 1, f]
+    h3 = torch.bmm(rows, w3.index_select(0, expert)) if w3 is not None else None
+    y = torch.bmm(activate(activation, h1, h3), w2.index_select(0, expert)).squeeze(1)  # [N, d]
+    weight = torch.where(in_group.to(x.device), row_weight, torch.zeros_like(row_weight))
+    y = y * weight.to(y.dtype).unsqueeze(1)
+    return torch.zeros_like(x).index_add(0, row_index, y)
 
 
 def activate(activation: str, h1: torch.Tensor, h3):
@@ -290,7 +355,7 @@ def _extension_applies(x, row_index, offsets, w1, w3, w2) -> bool:
     )
 
 
-def expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = "swiglu", backend: str = "triton"):
+def expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = "swiglu", backend: str = "auto"):
     """``out [M, d]``: the weighted expert outputs of the grouped rows, added at their source rows.
 
     Differentiable in ``x``, ``row_weight`` and the three weights on every backend.
@@ -301,6 +366,10 @@ def expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = 
         raise ValueError("expert_mlp: w3 is required for swiglu and must be None otherwise")
     if row_index.shape != row_weight.shape or row_index.dim() != 1:
         raise ValueError(f"expert_mlp: row_index {tuple(row_index.shape)} and row_weight {tuple(row_weight.shape)} must be [N]")
+    if backend == "auto":
+        backend = _auto_backend(x, row_index, w1, w3)
+    if backend == "gather":
+        return expert_mlp_gathered(x, row_index, row_weight, offsets, w1, w3, w2, activation)
     if backend == "triton":
         if x.is_cuda or triton_on_cpu():
             from kernels.triton_ops import expert_mlp_triton

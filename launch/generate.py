@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     k = experts if experts is not None else (ks[0] if len(set(ks)) == 1 else ks)
     print(args.prompt + text)
     print(f"-- {new_tokens} bytes at k={k} of {model.config.moe.num_experts} experts, "
-          f"{new_tokens / max(elapsed, 1e-9):,.0f} bytes/s (KV cache) on {describe_device(device)}")
+          f"{new_tokens / max(elapsed, 1e-9):,.0f} bytes/s (static KV cache{', CUDA graphs' if device.type == 'cuda' else ''}; "
+          f"the first call captures the graphs) on {describe_device(device)}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """``moe slim --model PATH [--k 1,2,4,8] [--out DIR]``: the same weights at every k, measured.
 
-For each k: validation loss and perplexity, prefill and decode throughput (decode with the KV
-cache, one token per step), active parameters and forward FLOPs per token. Writes ``slim.csv``,
+For each k: validation loss and perplexity, prefill and decode throughput (decode one token per
+step with the fixed-shape decoder of :mod:`moe.decode`: a static KV cache, a CUDA graph per step
+on a GPU), active parameters and forward FLOPs per token. Writes ``slim.csv``,
 ``slim.md``, ``slim.json`` and ``slim.png`` (quality and speed against k) to DIR (default
 ``PATH/slim``; never PATH itself) and prints the table and the paths.
 
@@ -81,29 +82,30 @@ def pick_k(rows: list[dict], budget_ms_per_token: Optional[float] = None, budget
 
 @torch.no_grad()
 def _speed(model, k: int, batch: int, prompt_len: int, decode_tokens: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode seconds per step) at k, on random prompts, after one warm-up, on
-    the model's device (a GPU's queued work is waited for before each clock read)."""
-    from moe.model import KVCache
+    """(prefill tokens/s, decode seconds per step) at k, on random prompts, with the fixed-shape
+    decoder (:class:`moe.decode.StaticDecoder`: a static KV cache, each step a CUDA graph on a GPU),
+    after one warm-up pass (which captures the graph), on the model's device (a GPU's queued work
+    is waited for before each clock read)."""
+    from moe.decode import StaticDecoder
+    from moe.devices import synchronize
 
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(k)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=generator).to(device)
+    decoder = StaticDecoder(model, batch, prompt_len + decode_tokens)
 
     def clock() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         return time.perf_counter()
 
     prefill, decode = [], []
     for _ in range(2):
-        cache = KVCache(len(model.blocks))
         start = clock()
-        logits = model(prompt, cache=cache)
+        logits = decoder.prefill(prompt)
         prefill.append(clock() - start)
-        token = logits[:, -1].argmax(-1, keepdim=True)
         start = clock()
         for _ in range(decode_tokens):
-            token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
+            logits = decoder.step(logits.argmax(-1, keepdim=True))
         decode.append((clock() - start) / decode_tokens)
     return batch * prompt_len / prefill[-1], decode[-1]
 

@@ -20,7 +20,7 @@ BIAS_UPDATE_MODES = ("sign", "proportional")
 DROP_POLICIES = ("probs", "position")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 K_SCHEDULES = ("constant", "linear", "cosine", "exponential", "multistep")
-EXPERT_BACKENDS = ("triton", "torch", "loop")
+EXPERT_BACKENDS = ("auto", "triton", "torch", "loop", "gather")  # kernels.expert_mlp.EXPERT_BACKENDS (tested)
 
 
 _OWNER = "MoEConfig"
@@ -100,9 +100,11 @@ class MoEConfig:
     """Seed of the fixed random router; each layer draws from (router_seed, layer index), so every
     rank builds the same router without communication."""
 
-    expert_backend: str = "triton"
-    """Expert MLP backend: "triton" (this project's Triton kernels on CUDA; on CPU the "torch"
-    backend, silently), "torch" (F.grouped_mm where supported; the blocked CPU kernel) or "loop"."""
+    expert_backend: str = "auto"
+    """Expert MLP backend: "auto" (per call, the path measured fastest for the inputs' device and
+    shapes: kernels.expert_mlp.choose_backend), "triton" (this project's Triton kernels on CUDA; on
+    CPU the "torch" backend, silently), "torch" (F.grouped_mm where supported; the C++ CPU kernel),
+    "gather" (weights gathered per row: decoding a few tokens) or "loop"."""
 
     k_schedule: str = "constant"
     """How k moves during training: "constant" (top_k), or from k_min to k_max over

@@ -52,6 +52,14 @@ def describe_device(device: torch.device) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a GPU's kernels run after the host returns); nothing
+    to wait for on the CPU. Clocks read after it measure the work, not its launch."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def collective_device(group=None) -> torch.device:
     """The device of the tensors a collective on ``group`` (default: the world) must be given.
 

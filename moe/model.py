@@ -112,11 +112,12 @@ def rotary_table(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of ``x [B, H, S, D]`` by the angles of ``table [S, D/2, 2]``."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, S, D/2, 2]
-    cos, sin = table[..., 0], table[..., 1]
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    """Rotate pairs (x[2i], x[2i+1]) of ``x [B, H, S, D]`` by the angles of ``table [S, D/2, 2]``.
+
+    Each pair is the complex number x[2i] + i x[2i+1], multiplied by cos + i sin in fp32: three
+    kernels (upcast, complex product, downcast) rather than one per term."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # [B, H, S, D/2]
+    rotated = torch.view_as_real(pairs * torch.view_as_complex(table.contiguous()))  # [B, H, S, D/2, 2]
     return rotated.flatten(-2).type_as(x)
 
 
@@ -128,25 +129,25 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.out = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache: Optional["LayerCache"] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache=None) -> torch.Tensor:
+        """``cache``: a :class:`LayerCache` or a :class:`moe.decode.StaticLayerCache` holding the
+        earlier positions; ``x`` continues them and the cache takes its keys and values."""
         batch, seq, d = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        start = 0 if cache is None else cache.length
-        positions = rotary[start : start + seq]
-        q, k = apply_rotary(q, positions), apply_rotary(k, positions)  # [B, H, S, D]
-        if cache is None or start == 0:
-            if cache is not None:
-                cache.append(k, v)
+        if cache is None:
+            table = rotary[:seq]
+            q, k = apply_rotary(q, table), apply_rotary(k, table)  # [B, H, S, D]
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # new queries at positions start.. attend to every cached key up to their own position
-            k, v = cache.append(k, v)  # [B, H, start + S, D]
-            allowed = torch.arange(start + seq, device=x.device) <= torch.arange(start, start + seq, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        else:
+            table = cache.rotary(rotary, seq)
+            y = cache.attend(apply_rotary(q, table), apply_rotary(k, table), v)
         return self.out(y.transpose(1, 2).reshape(batch, seq, d))
 
 
 class LayerCache:
-    """Keys and values of one attention layer for the positions seen so far, ``[B, H, S, D]``."""
+    """Keys and values of one attention layer for the positions seen so far, ``[B, H, S, D]``,
+    growing by concatenation (any length, a new shape every step; see :mod:`moe.decode` for the
+    preallocated one that CUDA graphs and ``torch.compile`` need)."""
 
     def __init__(self):
         self.keys: Optional[torch.Tensor] = None
@@ -156,10 +157,21 @@ class LayerCache:
     def length(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=2)
-        self.values = values if self.values is None else torch.cat([self.values, values], dim=2)
-        return self.keys, self.values
+    def rotary(self, table: torch.Tensor, seq: int) -> torch.Tensor:
+        """The rotary angles of the ``seq`` positions that follow the cached ones."""
+        return table[self.length : self.length + seq]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store ``k``, ``v`` ``[B, H, S, D]`` after the cached positions; attention of ``q`` to every
+        position up to its own."""
+        start, seq = self.length, q.shape[2]
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=2)
+        self.values = v if self.values is None else torch.cat([self.values, v], dim=2)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # new queries at positions start.. attend to every cached key up to their own position
+        allowed = torch.arange(start + seq, device=q.device) <= torch.arange(start, start + seq, device=q.device)[:, None]
+        return F.scaled_dot_product_attention(q, self.keys, self.values, attn_mask=allowed)
 
 
 class KVCache:
@@ -171,6 +183,14 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length
+
+    def reserve(self, seq: int, max_seq_len: int) -> None:
+        """Check that ``seq`` more positions fit (a :class:`UserError` if not)."""
+        if self.length + seq > max_seq_len:
+            raise UserError(f"sequence length {self.length + seq} exceeds max_seq_len {max_seq_len}")
+
+    def advance(self, seq: int) -> None:
+        """Called after a forward over ``seq`` positions (the layer caches already grew)."""
 
 
 class DenseFFN(nn.Module):
@@ -199,7 +219,7 @@ class Block(nn.Module):
             ffn = config.dense_ffn_hidden_size or config.moe.ffn_hidden_size * config.moe.top_k
             self.ffn = DenseFFN(d, ffn)
 
-    def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache: Optional[LayerCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache=None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rotary, cache)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -241,17 +261,21 @@ class MoETransformer(nn.Module):
                         nn.init.normal_(weight, mean=0.0, std=std)
                 nn.init.normal_(experts.w2, mean=0.0, std=residual_std)
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
-        """``cache``: a :class:`KVCache` holding the earlier positions; ``input_ids`` continue them
-        and the cache is extended (decoding one token at a time costs one position, not all)."""
-        past = 0 if cache is None else cache.length
-        if past + input_ids.shape[-1] > self.config.max_seq_len:
-            raise UserError(
-                f"sequence length {past + input_ids.shape[-1]} exceeds max_seq_len {self.config.max_seq_len}"
-            )
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, cache=None):
+        """``cache``: a :class:`KVCache` (or :class:`moe.decode.StaticKVCache`) holding the earlier
+        positions; ``input_ids`` continue them and the cache is extended (decoding one token at a
+        time costs one position, not all)."""
+        seq = input_ids.shape[-1]
+        if cache is None:
+            if seq > self.config.max_seq_len:
+                raise UserError(f"sequence length {seq} exceeds max_seq_len {self.config.max_seq_len}")
+        else:
+            cache.reserve(seq, self.config.max_seq_len)
         x = self.embed(input_ids)  # [B, S, d]
         for i, block in enumerate(self.blocks):
             x = block(x, self.rotary, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.advance(seq)
         logits = self.lm_head(self.norm(x))  # [B, S, V]
         if labels is None:
             return logits
@@ -268,15 +292,20 @@ class MoETransformer(nn.Module):
         top_k: Optional[int] = None,
         use_cache: bool = True,
         generator: Optional[torch.Generator] = None,
+        static_cache: bool = True,
+        cuda_graph: Optional[bool] = None,
     ) -> torch.Tensor:
         """``input_ids [B, S]`` followed by ``max_new_tokens`` sampled tokens, ``[B, S + n]``.
 
         ``active_experts``: run every MoE layer at this k (an int, or one per MoE layer) for this
         call only; the model's own k is restored afterwards. ``temperature`` 0 is greedy; ``top_k``
         samples among the k most likely tokens. With ``use_cache`` the prompt is encoded once and
-        each new token costs one position (a :class:`KVCache`); without it every step re-encodes
-        everything (the reference the cache is tested against).
+        each new token costs one position: by default in a preallocated cache with fixed shapes
+        (:class:`moe.decode.StaticDecoder`; each step a CUDA graph on a GPU unless ``cuda_graph``
+        is False), with ``static_cache=False`` in a growing :class:`KVCache`. Without ``use_cache``
+        every step re-encodes everything (the reference the caches are tested against).
         """
+        from moe.decode import StaticDecoder
         from moe.runtime import set_active_experts
 
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -295,11 +324,15 @@ class MoETransformer(nn.Module):
         try:
             if active_experts is not None:
                 set_active_experts(self, active_experts)
+            if use_cache and static_cache and max_new_tokens > 0:
+                capacity = input_ids.shape[1] + max_new_tokens - 1
+                decoder = StaticDecoder(self, input_ids.shape[0], max(1, capacity), cuda_graph=cuda_graph)
+                return decoder.generate(input_ids, max_new_tokens, temperature, top_k, generator)
             cache = KVCache(len(self.blocks)) if use_cache else None
             tokens, step_input = input_ids, input_ids
             for _ in range(max_new_tokens):
                 logits = self(step_input if use_cache else tokens, cache=cache)[:, -1].float()  # [B, V]
-                next_token = _sample(logits, temperature, top_k, generator)  # [B, 1]
+                next_token = sample_next_token(logits, temperature, top_k, generator)  # [B, 1]
                 tokens = torch.cat([tokens, next_token], dim=1)
                 step_input = next_token
             return tokens
@@ -340,7 +373,7 @@ class MoETransformer(nn.Module):
         return total - inactive
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], generator) -> torch.Tensor:
+def sample_next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], generator) -> torch.Tensor:
     """One token per row of ``logits [B, V]``: greedy at temperature 0, else softmax sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)

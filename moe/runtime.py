@@ -65,13 +65,23 @@ def update_expert_biases(module: nn.Module, group: Optional[dist.ProcessGroup] =
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
         counts = counts.to(routers[0].pending_tokens.device)
     for router, layer_counts in zip(routers, counts):
-        if layer_counts.sum() > 0:
-            cfg = router.config
-            rate = bias_rate_at_update(cfg, int(router.bias_updates))
-            router.expert_bias.copy_(updated_expert_bias(router.expert_bias, layer_counts, rate, cfg.bias_update_mode))
-            router.bias_updates += 1
+        # All on the device, no host sync: a layer that routed nothing keeps its bias and its count.
+        cfg = router.config
+        routed = layer_counts.sum() > 0
+        rate = _bias_rate(cfg, router.bias_updates)
+        updated = updated_expert_bias(router.expert_bias, layer_counts, rate, cfg.bias_update_mode)
+        router.expert_bias.copy_(torch.where(routed, updated, router.expert_bias))
+        router.bias_updates += routed
         router.pending_tokens.zero_()
     return counts
+
+
+def _bias_rate(config, updates: torch.Tensor):
+    """:func:`moe.schedules.bias_rate_at_update` at the update count ``updates`` (a device scalar),
+    without reading it back: a float for the constant schedule, else a device fp32 scalar."""
+    if config.bias_update_schedule == "constant":
+        return bias_rate_at_update(config, 0)
+    return (config.bias_update_rate / (1.0 + updates.double() / config.bias_update_t0)).float()
 
 
 def collect_aux_losses(module: nn.Module) -> Optional[torch.Tensor]:

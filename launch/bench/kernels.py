@@ -2,7 +2,9 @@
 
 For each shape (d, f, E, k, T) and each routing (uniform, skewed) this times, in bf16 on one CUDA GPU,
 ``kernels.expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation="swiglu", backend=B)``
-for B in triton, torch (on CUDA: ``F.grouped_mm``), loop (one matmul per expert):
+for B in auto (the default, what users get: the path ``kernels.expert_mlp.choose_backend`` picks for the
+inputs, named in the row's note and below the table), triton, torch (on CUDA: ``F.grouped_mm``), loop
+(one matmul per expert):
 
     fwd        the forward as in training: every input that has a gradient requires one
     fwd+bwd    that forward, then ``out.backward(grad_out)`` (gradients of x, row_weight, w1, w3, w2;
@@ -29,6 +31,11 @@ Timing: CUDA events around each call; ``--warmup`` untimed calls (they also abso
 then the median of ``--repeats`` timed calls. FLOPs: SwiGLU forward = 2 * T * k * d * 3f (three matmuls
 of d x f per routed token), backward twice that, so forward+backward = 3x forward. Everything printed is
 measured in the run that prints it.
+
+Issue 17's target 1 is checked on the auto rows (column "target 1"): forward+backward at least 70% of
+the dense chain on the two original default shapes (:data:`TARGET_DENSE_SHAPES`), and at least as fast as
+the torch backend (``F.grouped_mm``) on every shape. The checks print what was measured; nothing asserts
+a speed.
 """
 
 from __future__ import annotations
@@ -48,14 +55,26 @@ import torch
 
 from moe.errors import UserError
 
-DEFAULT_SHAPES = "4096,14336,8,2,16384;2048,1408,64,6,16384"  # Mixtral-like; DeepSeek-like fine-grained
-BACKENDS = ("triton", "torch", "loop")
+# Mixtral-like; DeepSeek-like fine-grained; finer still (issue 17)
+DEFAULT_SHAPES = "4096,14336,8,2,16384;2048,1408,64,6,16384;1024,512,128,8,16384"
+BACKENDS = ("auto", "triton", "torch", "loop")
+AUTO = "auto"
+# Issue 17, target 1: forward+backward of the default backend >= this fraction of the dense chain on
+# these (d, f, E, k, T), and at least as fast as the torch backend (F.grouped_mm) on every shape.
+TARGET_OF_DENSE = 0.70
+TARGET_DENSE_SHAPES = ((4096, 14336, 8, 2, 16384), (2048, 1408, 64, 6, 16384))
 ROUTINGS = ("uniform", "skewed")
 DENSE = "dense"
 ZIPF_EXPONENT = 1.2
 SKEW_DEFINITION = (f"skewed: expert e has popularity (e+1)^-{ZIPF_EXPONENT} (Zipf, expert 0 most popular); each "
                    "token draws its k experts without replacement with probability proportional to popularity")
 UNIFORM_DEFINITION = "uniform: each token draws k distinct experts uniformly at random"
+TARGET_1_DEFINITION = (
+    f"auto rows only (issue 17): 'dense yes' when fwd+bwd >= {TARGET_OF_DENSE:.0%} of dense (binding on "
+    + " and ".join(",".join(map(str, shape)) for shape in TARGET_DENSE_SHAPES)
+    + "; 'dense -' on other shapes), 'torch yes' when torch/this fwd+bwd >= 1.00 ('torch same' when auto took the "
+      "torch path itself: both rows then time one path)"
+)
 
 COLUMNS = (  # (key, header, format, definition)
     ("shape", "d,f,E,k,T", "shape", "hidden size, expert FFN size, experts, active experts per token, tokens"),
@@ -71,12 +90,16 @@ COLUMNS = (  # (key, header, format, definition)
     ("triton_speedup_fwd", "triton speedup fwd", "x", "this backend's fwd time / triton's (same shape and "
                                                          "routing): > 1 means triton is faster"),
     ("triton_speedup_fwd_bwd", "triton speedup fwd+bwd", "x", "the same for forward+backward"),
+    ("torch_over_this_fwd_bwd", "torch/this fwd+bwd", "x", "the torch backend's fwd+bwd time / this backend's "
+                                                              "(same shape and routing): >= 1 means at least as fast "
+                                                              "as torch (F.grouped_mm on sm90+)"),
+    ("target_1", "target 1", "text", TARGET_1_DEFINITION),
     ("skewed_over_uniform_fwd", "skewed/uniform fwd", "x", "this backend's skewed fwd time / its uniform fwd time"),
     ("skewed_over_uniform_fwd_bwd", "skewed/uniform fwd+bwd", "x", "the same for forward+backward"),
     ("fwd_bwd_extra_gib", "fwd+bwd extra GiB", "gib", "peak CUDA memory of one fwd+bwd above what was allocated "
                                                        "before it (activations and weight gradients)"),
     ("rel_err_vs_loop", "rel err vs loop", "err", "||out - out_loop|| / ||out_loop|| of the forward output (bf16)"),
-    ("note", "note", "text", "why a figure is missing, or which path the torch backend took"),
+    ("note", "note", "text", "why a figure is missing, or which path the torch and auto backends took"),
 )
 
 
@@ -168,6 +191,31 @@ def torch_backend_path(d: int, f: int, capability: tuple[int, int]) -> str:
     return "per-expert loop (F.grouped_mm needs sm90+ and d, f multiples of 8)"
 
 
+def auto_backend_choice(x: torch.Tensor, num_rows: int, w1: torch.Tensor, w3: Optional[torch.Tensor]) -> str:
+    """The backend ``expert_mlp(..., backend="auto")`` takes for these inputs (``num_rows`` grouped rows
+    reading ``x``, experts ``w1 [E, d, f]``), by :func:`kernels.expert_mlp.choose_backend`, outside
+    ``torch.compile``."""
+    from kernels.expert_mlp import choose_backend
+    from kernels.grouped_mm import _torch_grouped_mm_supported
+
+    num_experts, hidden, ffn = w1.shape
+    return choose_backend(x.device.type, num_rows, num_experts, hidden, ffn, x.element_size(), w3 is not None,
+                          _torch_grouped_mm_supported(x, w1) if x.is_cuda else False, compiling=False)
+
+
+def describe_backend(backend: str, device_type: str, d: int, f: int,
+                     capability: Optional[tuple[int, int]] = None) -> str:
+    """What an expert_mlp backend runs on this device, in a few words (e.g. ``torch (F.grouped_mm)``)."""
+    if device_type == "cuda":
+        what = {"triton": "the Triton kernels",
+                "torch": torch_backend_path(d, f, capability) if capability is not None else "F.grouped_mm",
+                "loop": "per-expert loop", "gather": "gathered weights, batched mat-vec"}
+    else:
+        what = {"triton": "no Triton off CUDA: the torch path", "torch": "the CPU expert kernel",
+                "loop": "per-expert loop", "gather": "gathered weights, batched mat-vec"}
+    return f"{backend} ({what[backend]})" if backend in what else backend
+
+
 def gpu_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
@@ -193,12 +241,13 @@ def add_derived(rows: list[dict]) -> list[dict]:
         row["fwd_tflops"] = tflops(flops, row.get("fwd_ms"))
         row["fwd_bwd_tflops"] = tflops(3 * flops, row.get("fwd_bwd_ms"))
         for name in ("fwd_of_dense", "fwd_bwd_of_dense", "triton_speedup_fwd", "triton_speedup_fwd_bwd",
-                     "skewed_over_uniform_fwd", "skewed_over_uniform_fwd_bwd"):
+                     "torch_over_this_fwd_bwd", "target_1", "skewed_over_uniform_fwd", "skewed_over_uniform_fwd_bwd"):
             row[name] = None
         if row["backend"] == DENSE:
             continue
         dense = by.get((key(row), None, DENSE), {})
         triton = by.get((key(row), row["routing"], "triton"), {})
+        torch_row = by.get((key(row), row["routing"], "torch"), {})
         uniform = by.get((key(row), "uniform", row["backend"]), {})
         for phase in ("fwd", "fwd_bwd"):
             ms = row.get(f"{phase}_ms")
@@ -207,7 +256,30 @@ def add_derived(rows: list[dict]) -> list[dict]:
                 row[f"triton_speedup_{phase}"] = _ratio(ms, triton.get(f"{phase}_ms"))
             if row["routing"] == "skewed":
                 row[f"skewed_over_uniform_{phase}"] = _ratio(ms, uniform.get(f"{phase}_ms"))
+        if row["backend"] != "torch":
+            row["torch_over_this_fwd_bwd"] = _ratio(torch_row.get("fwd_bwd_ms"), row.get("fwd_bwd_ms"))
+        if row["backend"] == AUTO:
+            row["target_1"] = target_1_check(key(row), row["fwd_bwd_of_dense"], row["torch_over_this_fwd_bwd"],
+                                             row.get("auto_path"))
     return rows
+
+
+def target_1_check(shape: tuple, of_dense: Optional[float], torch_over_auto: Optional[float],
+                   auto_path: Optional[str]) -> Optional[str]:
+    """Issue 17's target 1 for one auto row: "dense yes|NO|-, torch yes|NO|same|-" (see COLUMNS)."""
+    if of_dense is None and torch_over_auto is None:
+        return None
+    if tuple(shape) not in TARGET_DENSE_SHAPES or of_dense is None:
+        dense = "-"
+    else:
+        dense = "yes" if of_dense >= TARGET_OF_DENSE else "NO"
+    if auto_path == "torch":
+        versus = "same"
+    elif torch_over_auto is None:
+        versus = "-"
+    else:
+        versus = "yes" if torch_over_auto >= 1.0 else "NO"
+    return f"dense {dense}, torch {versus}"
 
 
 def _cell(value, kind: str) -> str:
@@ -247,6 +319,17 @@ def format_report(report: dict) -> str:
     for row in report["results"]:
         cells = [_cell(row.get(key), kind) for key, _, kind, _ in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    auto_paths: dict[str, tuple[str, list[str]]] = {}  # shape -> (path, target-1 checks per routing)
+    for row in report["results"]:
+        if row["backend"] == AUTO and row.get("auto_path_text"):
+            _, checks = auto_paths.setdefault(_cell(row["shape"], "shape"), (row["auto_path_text"], []))
+            if row.get("target_1"):
+                checks.append(f"{row['routing']} {row['target_1']}")
+    if auto_paths:
+        lines += ["", "The path backend=\"auto\" took (kernels.expert_mlp.choose_backend on these inputs), and "
+                  "target 1 per routing:", ""]
+        lines += [f"- {shape}: {path}" + (f"; target 1: {'; '.join(checks)}" if checks else "")
+                  for shape, (path, checks) in auto_paths.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -255,7 +338,7 @@ def format_report(report: dict) -> str:
 
 
 def add_parser(which: argparse._SubParsersAction) -> None:
-    parser = which.add_parser("kernels", help="expert MLP backends (triton, torch, loop) vs dense matmuls "
+    parser = which.add_parser("kernels", help="expert MLP backends (auto, triton, torch, loop) vs dense matmuls "
                                               "of equal FLOPs (CUDA, bf16)")
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f'"d,f,E,k,T;..." (default "{DEFAULT_SHAPES}")')
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {BACKENDS}")
@@ -449,12 +532,17 @@ def measure(shapes, backends, routings, warmup: int, repeats: int, seed: int, de
             torch.manual_seed(seed)
             inputs, imbalance = _moe_inputs(d, f, experts, k, tokens, routing, seed, device, dtype)
             reference = _loop_reference(inputs)
+            auto_path = auto_backend_choice(inputs["x"], inputs["row_index"].shape[0], inputs["w1"], inputs["w3"])
+            auto_text = describe_backend(auto_path, device.type, d, f, capability)
             for backend in backends:
                 _progress(f"{name}: {routing} routing, {backend}")
                 row = {"shape": shape, "routing": routing, "max_over_mean_load": imbalance, "backend": backend,
                        **_measure_backend(backend, inputs, reference, warmup, repeats, device)}
                 if backend == "torch" and row["note"] is None and capability is not None:
                     row["note"] = torch_backend_path(d, f, capability)
+                if backend == AUTO:
+                    row.update(auto_path=auto_path, auto_path_text=auto_text)
+                    row["note"] = f"took {auto_text}" + (f"; {row['note']}" if row["note"] else "")
                 rows.append(row)
             del inputs, reference
             _release(device)

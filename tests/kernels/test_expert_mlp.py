@@ -370,3 +370,78 @@ def test_a_slow_load_of_the_cpu_kernel_says_it_is_compiling_and_how_long_it_took
     monkeypatch.setenv("LOCAL_RANK", "1")  # the other ranks wait for the same build without a word
     monkeypatch.setattr(cpu_extension, "_build", lambda: time.sleep(0.3) or "built")
     assert cpu_extension.load() == "built" and capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------- "gather" and "auto"
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 2, 0], [1, 1, 1, 1, 1, 1, 1]])
+def test_gather_backend_matches_the_per_row_loop(counts, activation):
+    row_index, offsets, tensors = _case(counts, d=12, f=10, activation=activation, num_source=9, seed=len(counts))
+    grad = torch.randn(9, 12, generator=torch.Generator().manual_seed(1))
+    out, grads = _run(lambda *a: kernels.expert_mlp(*a, activation=activation, backend="gather"),
+                      row_index, offsets, tensors, grad)
+    ref, ref_grads = _run(lambda *a: _per_row(*a[:3], counts, *a[4:], activation), row_index, offsets, tensors, grad)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name, g in grads.items():
+        if g is not None:
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_gather_backend_ignores_rows_past_the_last_group():
+    """Rows after offsets[-1] belong to no expert (capacity dropping cuts them): they add nothing."""
+    row_index, offsets, tensors = _case([2, 3], d=8, f=6, activation="swiglu", num_source=6)
+    extra = torch.tensor([0, 4])
+    longer = torch.cat([row_index, extra])
+    weights = torch.cat([tensors["row_weight"], torch.ones(2)])
+    args = (tensors["w1"], tensors["w3"], tensors["w2"])
+    cut = kernels.expert_mlp(tensors["x"], row_index, tensors["row_weight"], offsets, *args, backend="gather")
+    padded = kernels.expert_mlp(tensors["x"], longer, weights, offsets, *args, backend="gather")
+    torch.testing.assert_close(padded, cut)
+
+
+CUDA_BF16 = dict(device_type="cuda", element_size=2, swiglu=True, grouped_mm_supported=True, compiling=False)
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [  # (d, f, E, k, T) of issue 17's H100 table, and what won there
+        ((4096, 14336, 8, 2, 16384), "torch"),  # F.grouped_mm 584 TFLOP/s vs Triton 417
+        ((2048, 1408, 64, 6, 16384), "triton"),  # Triton 384 vs 328
+        ((1024, 512, 128, 8, 16384), "triton"),  # Triton 258 vs 175
+        ((4096, 14336, 8, 2, 8), "triton"),  # decoding: a few rows per expert
+    ],
+)
+def test_auto_takes_the_path_that_won_on_the_h100(shape, expected):
+    d, f, E, k, T = shape
+    assert EXPERT_MLP.choose_backend(num_rows=T * k, num_experts=E, hidden=d, ffn=f, **CUDA_BF16) == expected
+
+
+def test_auto_keeps_to_triton_where_grouped_mm_cannot_run_and_to_cpu_paths_elsewhere():
+    big = dict(num_rows=32768, num_experts=8, hidden=4096, ffn=14336)
+    assert EXPERT_MLP.choose_backend(**big, **dict(CUDA_BF16, grouped_mm_supported=False)) == "triton"
+    cpu = dict(device_type="cpu", element_size=4, swiglu=True, grouped_mm_supported=False)
+    assert EXPERT_MLP.choose_backend(**big, **cpu, compiling=False) == "torch"
+    assert EXPERT_MLP.choose_backend(**big, **cpu, compiling=True) == "torch"  # too large to gather
+    decode = dict(num_rows=16, num_experts=8, hidden=128, ffn=128)
+    assert EXPERT_MLP.choose_backend(**decode, **cpu, compiling=True) == "gather"
+    assert EXPERT_MLP.choose_backend(**decode, **cpu, compiling=False) == "torch"
+
+
+def test_auto_on_cpu_runs_the_cpu_kernel_and_matches_the_loop():
+    row_index, offsets, tensors = _case([4, 0, 3], d=8, f=8, activation="swiglu", num_source=7)
+    grad = torch.randn(7, 8, generator=torch.Generator().manual_seed(2))
+    out, grads = _run(lambda *a: kernels.expert_mlp(*a, backend="auto"), row_index, offsets, tensors, grad)
+    ref, ref_grads = _run(lambda *a: kernels.expert_mlp(*a, backend="loop"), row_index, offsets, tensors, grad)
+    assert "Extension" in type(out.grad_fn).__name__ or "Blocked" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name, g in grads.items():
+        if g is not None:
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_config_and_kernel_name_the_same_backends():
+    from moe import config
+
+    assert config.EXPERT_BACKENDS == EXPERT_MLP.EXPERT_BACKENDS

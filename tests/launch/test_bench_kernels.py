@@ -26,7 +26,10 @@ def test_swiglu_flops_match_a_hand_count():
 
 
 def test_parse_shapes_defaults_and_errors():
-    assert bk.parse_shapes(bk.DEFAULT_SHAPES) == [(4096, 14336, 8, 2, 16384), (2048, 1408, 64, 6, 16384)]
+    assert bk.parse_shapes(bk.DEFAULT_SHAPES) == [(4096, 14336, 8, 2, 16384), (2048, 1408, 64, 6, 16384),
+                                                  (1024, 512, 128, 8, 16384)]  # issue 17 added the third
+    assert set(bk.TARGET_DENSE_SHAPES) == set(bk.parse_shapes(bk.DEFAULT_SHAPES)[:2])
+    assert bk.BACKENDS[0] == "auto"  # the default backend is measured first
     assert bk.parse_shapes(" 16,32,4,2,64 ; ") == [(16, 32, 4, 2, 64)]
     bad = {
         "16,32,4,2": "is not \"d,f,E,k,T\" with five positive integers",
@@ -128,12 +131,15 @@ def _fake_report() -> dict:
     shape = {"d": 64, "f": 128, "E": 8, "k": 2, "T": 256}
     rows = [{"shape": shape, "routing": None, "max_over_mean_load": None, "backend": "dense",
              "fwd_ms": 1.0, "fwd_bwd_ms": 3.0, "note": None}]
-    fake_ms = {"triton": (2.0, 5.0), "torch": (3.0, 7.5), "loop": (8.0, 20.0)}
+    fake_ms = {"auto": (2.0, 5.0), "triton": (2.0, 5.0), "torch": (3.0, 7.5), "loop": (8.0, 20.0)}
+    notes = {"torch": "F.grouped_mm", "auto": "took triton (the Triton kernels)"}
     for routing, slower, load in (("uniform", 1.0, 1.01), ("skewed", 1.5, 2.8)):
         for backend, (fwd, fwd_bwd) in fake_ms.items():
             rows.append({"shape": shape, "routing": routing, "max_over_mean_load": load, "backend": backend,
                          "fwd_ms": fwd * slower, "fwd_bwd_ms": fwd_bwd * slower, "fwd_bwd_extra_gib": 0.5,
-                         "rel_err_vs_loop": 1e-3, "note": "F.grouped_mm" if backend == "torch" else None})
+                         "rel_err_vs_loop": 1e-3, "note": notes.get(backend)})
+            if backend == "auto":
+                rows[-1].update(auto_path="triton", auto_path_text="triton (the Triton kernels)")
     rows.append({"shape": {**shape, "E": 64, "k": 6}, "routing": "uniform", "max_over_mean_load": 1.1,
                  "backend": "triton", "fwd_ms": None, "fwd_bwd_ms": None, "fwd_bwd_extra_gib": None,
                  "rel_err_vs_loop": None, "note": "unavailable: ValueError: expert_mlp: unknown backend 'triton' | x"})
@@ -158,6 +164,24 @@ def test_derived_ratios_follow_from_the_times():
     assert rows[(8, None, "dense")]["fwd_of_dense"] is None
     unavailable = rows[(64, "uniform", "triton")]
     assert unavailable["fwd_tflops"] is None and unavailable["fwd_of_dense"] is None
+    # target 1 on the auto rows: torch ms / auto ms, and the check (this fake shape binds only the torch part)
+    auto_uniform, auto_skewed = rows[(8, "uniform", "auto")], rows[(8, "skewed", "auto")]
+    assert auto_uniform["torch_over_this_fwd_bwd"] == pytest.approx(7.5 / 5.0)
+    assert auto_skewed["torch_over_this_fwd_bwd"] == pytest.approx(7.5 / 5.0)
+    assert rows[(8, "uniform", "loop")]["torch_over_this_fwd_bwd"] == pytest.approx(7.5 / 20.0)
+    assert torch_uniform["torch_over_this_fwd_bwd"] is None and torch_uniform["target_1"] is None
+    assert auto_uniform["target_1"] == "dense -, torch yes"
+    assert triton_uniform["target_1"] is None
+
+
+def test_target_1_check():
+    mixtral, fine = bk.TARGET_DENSE_SHAPES[0], (1024, 512, 128, 8, 16384)
+    assert bk.target_1_check(mixtral, 0.70, 1.0, "triton") == "dense yes, torch yes"
+    assert bk.target_1_check(mixtral, 0.69, 0.99, "triton") == "dense NO, torch NO"
+    assert bk.target_1_check(mixtral, 0.75, 0.98, "torch") == "dense yes, torch same"  # one path timed twice
+    assert bk.target_1_check(fine, 0.10, 1.2, "triton") == "dense -, torch yes"  # 70% binds on two shapes only
+    assert bk.target_1_check(fine, 0.5, None, "triton") == "dense -, torch -"
+    assert bk.target_1_check(mixtral, None, None, "triton") is None
 
 
 def test_table_renders_every_column_and_the_unavailable_reason():
@@ -178,6 +202,10 @@ def test_table_renders_every_column_and_the_unavailable_reason():
         assert f"| {cell} |" in torch_row, (cell, torch_row)
     skewed_loop = next(line for line in table if "| skewed |" in line and "| loop |" in line)
     assert "| 2.80 |" in skewed_loop and "| 1.50x |" in skewed_loop
+    auto_row = next(line for line in table if "| uniform |" in line and "| auto |" in line)
+    assert "| dense -, torch yes |" in auto_row and "| took triton (the Triton kernels) |" in auto_row
+    assert ("- 64,128,8,2,256: triton (the Triton kernels); target 1: uniform dense -, torch yes; "
+            "skewed dense -, torch yes") in lines  # the path auto took and the checks, per shape
     assert "unavailable: ValueError: expert_mlp: unknown backend 'triton' \\| x" in text
 
 
@@ -190,14 +218,17 @@ def test_measurement_code_path_runs_end_to_end_on_cpu():
     assert [(r["routing"], r["backend"]) for r in rows] == [(None, "dense")] + [
         (routing, backend) for routing in bk.ROUTINGS for backend in bk.BACKENDS]
     for row in rows:
-        if row["backend"] in ("dense", "torch", "loop"):
+        if row["backend"] in ("dense", "auto", "torch", "loop"):
             assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["fwd_tflops"] > 0, row
-        if row["backend"] in ("torch", "loop"):
+        if row["backend"] in ("auto", "torch", "loop"):
             assert row["rel_err_vs_loop"] < 1e-5 and row["fwd_of_dense"] > 0, row
+        if row["backend"] == "auto":  # on the CPU, choose_backend takes the CPU kernel ("torch")
+            assert row["auto_path"] == "torch" and row["note"].startswith("took torch (the CPU expert kernel)"), row
+            assert row["torch_over_this_fwd_bwd"] > 0 and row["target_1"] == "dense -, torch same", row
         if row["routing"] == "skewed" and row["backend"] != "triton":
             assert row["skewed_over_uniform_fwd"] > 0 and row["max_over_mean_load"] >= 1
         if row["backend"] == "triton" and row["fwd_ms"] is None:
             assert row["note"].startswith(("unavailable: ", "failed: ")), row
-    assert "| loop |" in bk.format_report({"gpu": "cpu (smoke test)", "capability": "-", "sms": 0, "torch": "",
-                                            "cuda": None, "triton": "", "date": "", "warmup": 0, "repeats": 1,
-                                            "seed": 0, "results": rows})
+    text = bk.format_report({"gpu": "cpu (smoke test)", "capability": "-", "sms": 0, "torch": "", "cuda": None,
+                             "triton": "", "date": "", "warmup": 0, "repeats": 1, "seed": 0, "results": rows})
+    assert "| loop |" in text and "- 16,32,4,2,24: torch (the CPU expert kernel); target 1: uniform " in text

@@ -119,6 +119,15 @@ def test_inverse_time_rate_schedule():
     assert steps == pytest.approx(expected, rel=1e-5)
 
 
+def test_an_update_without_tokens_changes_nothing():
+    layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=4, num_experts=4, top_k=2, balance="bias"))
+    layer.router.expert_bias.copy_(torch.tensor([0.1, -0.2, 0.0, 0.3]))
+    counts = moe.update_expert_biases(layer)  # no training forward since the last update
+    assert int(counts.sum()) == 0
+    assert torch.equal(layer.router.expert_bias, torch.tensor([0.1, -0.2, 0.0, 0.3]))
+    assert int(layer.router.bias_updates) == 0
+
+
 def test_bias_only_steers_selection_not_weights():
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=4, num_experts=6, top_k=2, balance="bias",

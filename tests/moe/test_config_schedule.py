@@ -31,7 +31,7 @@ from moe.schedules import multistep_levels
         ("drop_policy", "random", "'probs', 'position'"),
         ("activation", "tanh", "'swiglu', 'gelu', 'relu'"),
         ("router_seed", -1, ">= 0"),
-        ("expert_backend", "cuda", "'triton', 'torch', 'loop'"),
+        ("expert_backend", "cuda", "'auto', 'triton', 'torch', 'loop', 'gather'"),
         ("k_schedule", "step", "'constant', 'linear'"),
         ("k_max", 9, "at most num_experts"),
         ("k_min", 0, "integer >= 1"),

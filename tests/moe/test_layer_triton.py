@@ -1,5 +1,5 @@
-"""The MoE layer on the "triton" expert backend (the default): which path runs where, the layer
-against the loop backend, and torch.compile of the whole layer without graph breaks.
+"""The MoE layer on the Triton expert kernels (what the default backend, "auto", takes on CUDA for
+most shapes): which path runs where, the layer against the loop backend, and torch.compile of the whole layer without graph breaks.
 
 On CPU the kernels run in Triton's interpreter only when asked (``SLIMMOE_TRITON_ON_CPU=1``);
 otherwise the default backend quietly takes the torch path. The GPU tests do the same in bf16.
@@ -56,8 +56,8 @@ def _compare(fast, slow, x, atol, rtol, scaled_tol=None):
         check(p_fast.grad, p_slow.grad, name)
 
 
-def test_default_backend_is_triton_and_cpu_takes_the_torch_path_quietly(monkeypatch):
-    assert MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=2, top_k=1).expert_backend == "triton"
+def test_default_backend_is_auto_and_cpu_takes_the_torch_path_quietly(monkeypatch):
+    assert MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=2, top_k=1).expert_backend == "auto"
     monkeypatch.delenv("SLIMMOE_TRITON_ON_CPU", raising=False)
 
     def no_triton(*args, **kwargs):

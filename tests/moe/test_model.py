@@ -52,6 +52,22 @@ def test_rotary_is_a_rotation_with_relative_positions():
     torch.testing.assert_close((qs[0, 0, 5] * ks[0, 0, 2]).sum(), (qs[0, 0, 8] * ks[0, 0, 5]).sum(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_rotates_each_pair_by_its_positions_angle(dtype):
+    """RoFormer's formula, pair by pair: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), angle p * theta^(-2i/D)."""
+    head_dim, positions = 6, 5
+    table = rotary_table(head_dim, positions, 100.0)
+    x = torch.randn(1, 2, positions, head_dim).to(dtype).transpose(1, 2).transpose(1, 2)
+    out = apply_rotary(x, table).float()
+    for p in range(positions):
+        for i in range(head_dim // 2):
+            angle = torch.tensor(p * 100.0 ** (-2 * i / head_dim), dtype=torch.float64)
+            x0, x1 = x[0, :, p, 2 * i].double(), x[0, :, p, 2 * i + 1].double()
+            expected = torch.stack([x0 * angle.cos() - x1 * angle.sin(), x0 * angle.sin() + x1 * angle.cos()], -1)
+            tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(out[0, :, p, 2 * i : 2 * i + 2].double(), expected, atol=tolerance, rtol=tolerance)
+
+
 def test_moe_every_and_distinct_random_routers():
     model = MoETransformer(_config(num_layers=4, moe_every=2))
     kinds = [type(block.ffn).__name__ for block in model.blocks]
