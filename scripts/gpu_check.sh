@@ -18,6 +18,12 @@
 #        tiny-train     moe train configs/tiny.yaml on 1 GPU, then on its export:
 #        tiny-export, tiny-eval, tiny-slim, tiny-generate
 #        example-train  configs/gpu_example.yaml cut to 60 steps, 8 layers, seq 1024 (tokens/s, MFU)
+#      and, only when GPU_CHECK_STEPS names it, the "perf" group (issue 17's benchmarks; ~9 minutes):
+#        bench-layer    moe bench layer (the MoE layer vs deepspeed.moe vs the dense MLP, bf16)
+#        bench-step     moe bench step (MoE vs dense-equivalent training step, eager and compiled;
+#                       moe train vs a plain loop)
+#        decode-tiny    moe bench decode, tiny.yaml at batch 8 (growing cache, static, CUDA graph, compiled)
+#        decode-example moe bench decode, gpu_example.yaml (8 layers) at batch 1, k = 1 and 64
 #      Everything a step writes goes to a fresh work folder (GPU_CHECK_DIR, default under /tmp), apart
 #      from moe bench kernels' default benchmarks/kernels-<gpu>.md and caches (Triton's, pytest's tmp).
 #   4. writes benchmarks/gpu-<device>.md (header, table of steps, per step the command, status,
@@ -36,13 +42,18 @@
 #   GPU_CHECK_LIMIT_PYTEST=240 GPU_CHECK_LIMIT_BENCH=150 GPU_CHECK_LIMIT_TINY_TRAIN=75
 #   GPU_CHECK_LIMIT_TINY_EXPORT=25 GPU_CHECK_LIMIT_TINY_EVAL=30 GPU_CHECK_LIMIT_TINY_SLIM=45
 #   GPU_CHECK_LIMIT_TINY_GENERATE=25 GPU_CHECK_LIMIT_EXAMPLE_TRAIN=120     (seconds)
-#   GPU_CHECK_STEPS=pytest,bench,tiny,example   which groups run, in this order
+#   GPU_CHECK_STEPS=pytest,bench,tiny,example   which groups run, in this order (also: perf);
+#                                a session with 30 device minutes runs the default minus bench, then
+#                                GPU_CHECK_STEPS=bench,perf
+#   GPU_CHECK_LIMIT_BENCH_LAYER=150 GPU_CHECK_LIMIT_BENCH_STEP=200 GPU_CHECK_LIMIT_DECODE_TINY=90
+#   GPU_CHECK_LIMIT_DECODE_EXAMPLE=90    (seconds, the perf group)
 #   GPU_CHECK_PYTEST_ARGS, GPU_CHECK_BENCH_ARGS, GPU_CHECK_TINY_ARGS, GPU_CHECK_EXAMPLE_ARGS
 #                                extra arguments of pytest, moe bench kernels and the two moe train runs
 #                                (word-split), e.g. GPU_CHECK_TINY_ARGS="--set train.steps=100"
 #   GPU_CHECK_COMMIT             the commit to name in the report (default: git rev-parse, or "unknown"
 #                                where git cannot tell, as in a copy of the tree without .git)
-#   GPU_CHECK_REPORT=benchmarks/gpu-<device>.md
+#   GPU_CHECK_REPORT=benchmarks/gpu-<device>.md  (benchmarks/gpu-<device>-<groups>.md when
+#                                GPU_CHECK_STEPS is not the default, so two runs keep two reports)
 # The commands see the environment as it is: e.g. TORCH_CUDA_ARCH_LIST or SLIMMOE_TRITON_AUTOTUNE
 # set before this script reach every step (the report's header shows them).
 set -uo pipefail
@@ -110,7 +121,11 @@ STEPS_TSV=$WORK/steps.tsv
 mkdir -p "$RUN" "$LOGS" || die "cannot write to $WORK"
 : >"$STEPS_TSV"
 touch "$WORK/started"
-REPORT=${GPU_CHECK_REPORT:-benchmarks/gpu-$SLUG.md}
+if [ "$GROUPS_TO_RUN" = pytest,bench,tiny,example ]; then
+    REPORT=${GPU_CHECK_REPORT:-benchmarks/gpu-$SLUG.md}
+else
+    REPORT=${GPU_CHECK_REPORT:-benchmarks/gpu-$SLUG-${GROUPS_TO_RUN//,/-}.md}
+fi
 KERNELS_MD=benchmarks/kernels-$SLUG.md   # moe bench kernels' default output
 COMMIT=${GPU_CHECK_COMMIT:-}
 if [ -z "$COMMIT" ]; then
@@ -244,8 +259,17 @@ for group in "${groups[@]}"; do
         # Its checkpoint is about 12 GB (bf16 weights, fp32 master weights and Adam moments).
         rm -rf "$RUN/gpu_example/checkpoints"
         ;;
+    perf)
+        run_step bench-layer 150 -- "${MOE[@]}" bench layer --json "$RUN/bench-layer.json"
+        run_step bench-step 200 -- "${MOE[@]}" bench step --json "$RUN/bench-step.json" \
+            --set "data.cache_dir=$CACHE" --set "out_dir=$RUN/bench-step"
+        run_step decode-tiny 90 -- "${MOE[@]}" bench decode --config configs/tiny.yaml --batch 8 --compile \
+            --json "$RUN/bench-decode-tiny.json"
+        run_step decode-example 90 -- "${MOE[@]}" bench decode --config configs/gpu_example.yaml --batch 1 \
+            --k 1,64 --set model.num_layers=8 --json "$RUN/bench-decode-example.json"
+        ;;
     *)
-        echo "gpu_check: unknown group '$group' in GPU_CHECK_STEPS (pytest, bench, tiny, example)" >&2
+        echo "gpu_check: unknown group '$group' in GPU_CHECK_STEPS (pytest, bench, tiny, example, perf)" >&2
         ;;
     esac
 done
