@@ -1,5 +1,5 @@
 """Load balancing: the auxiliary-loss-free bias update, the Switch/GShard auxiliary loss, the
-router z-loss, and the capacity (token-dropping) rule.
+router z-loss, ModuleFormer's mutual-information loss, and the capacity (token-dropping) rule.
 
 Every function here is pure (tensors in, tensors out); the state they act on (the bias buffer and
 the token counts) lives with the router, and :func:`moe.update_expert_biases` applies the update.
@@ -56,6 +56,48 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def mutual_information_loss(probs: torch.Tensor) -> torch.Tensor:
+    """ModuleFormer's router loss (Shen et al. 2023, "ModuleFormer: Modularity Emerges from
+    Mixture-of-Experts", arXiv:2306.04640, the load-balancing loss of its pre-training): minus the
+    mutual information between the tokens x of the batch and the experts m,
+
+        ``L = H(m|x) - H(m) = -MI``, with, over the T tokens of ``probs [T, E]``,
+        ``p(m)   = 1/T * sum_x p(m|x)``                      (the batch's expert marginal)
+        ``H(m)   = -sum_m p(m) log p(m)``                    (high: the load is balanced)
+        ``H(m|x) = 1/T * sum_x -sum_m p(m|x) log p(m|x)``    (low: each token concentrates)
+
+    which is the paper's ``L_MI = sum_m p(m) log p(m) - 1/|X| sum_x sum_m g(m|x) log g(m|x)``
+    (``X`` the batch's tokens, ``g(m|x)`` the router's distribution), in nats. It lies in
+    ``[-log E, 0]``: 0 when every token has the same distribution (all uniform, or all on one
+    expert), ``-log E`` when each token is one-hot and the tokens are spread evenly over the
+    experts.
+
+    Details, as the paper and its released code (github.com/IBM/ModuleFormer,
+    ``moduleformer/utils/gate.py``, ``aux_loss='mi'``) have them:
+
+    - ``p(m|x)`` is the full softmax over all E experts, not the top-k: the code's ``probs`` is
+      ``softmax(logits)`` before ``topk``, and ``H(m|x)`` uses ``log_softmax(logits)``.
+    - It is computed per forward, over that call's tokens, per layer: the released model builds
+      every gate with ``acc_aux_loss=False``, so ``p(m)`` is not accumulated over micro-batches or
+      layers. Here that means per micro-batch and, under expert parallelism, per rank (the router
+      runs on the rank's own tokens before dispatch).
+    - ``0 log 0 = 0``: a probability below the dtype's smallest normal is clamped inside the log
+      only, so the value is exact otherwise and the gradient stays finite (the code adds 1e-8
+      inside ``log p(m)`` instead).
+
+    ``probs`` must be a distribution per token (rows sum to 1); the router passes its fp32 softmax
+    scores, or sigmoid scores divided by their per-token sum, as it does for :func:`switch_aux_loss`.
+    """
+    num_tokens = probs.shape[0]
+    if num_tokens == 0:
+        return probs.sum() * 0.0
+    tiny = torch.finfo(probs.dtype).tiny
+    marginal = probs.mean(dim=0)  # p(m), [E]
+    marginal_entropy = -(marginal * marginal.clamp_min(tiny).log()).sum()  # H(m)
+    conditional_entropy = -(probs * probs.clamp_min(tiny).log()).sum(dim=-1).mean()  # H(m|x)
+    return conditional_entropy - marginal_entropy
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:

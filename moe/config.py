@@ -69,6 +69,14 @@ class MoEConfig:
     z_loss_coeff: float = 0.0
     """Coefficient of the router z-loss mean(logsumexp(logits)^2); 0 disables it."""
 
+    mi_loss_coeff: float = 0.0
+    """Coefficient of ModuleFormer's mutual-information router loss H(m|x) - H(m) (Shen et al.
+    2023; ``moe.balance.mutual_information_loss``); 0 disables it. Minimising it balances the load
+    over the batch (high entropy H(m) of the mean routing distribution) while each token
+    concentrates on few experts (low mean entropy H(m|x) of its own distribution). Usable with any
+    ``balance`` and beside the z-loss; it acts through the router's gradient, so it needs
+    router="learned" (a nonzero value with router="random" is an error)."""
+
     bias_update_rate: float = 1e-3
     """Step size u of the bias update (DeepSeek's default 1e-3)."""
 
@@ -128,8 +136,12 @@ class MoEConfig:
         check_choice(_OWNER, "score_function", self.score_function, SCORE_FUNCTIONS)
         check_bool(_OWNER, "normalize_topk", self.normalize_topk)
         check_choice(_OWNER, "balance", self.balance, BALANCES)
-        for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate", "router_init_std"):
+        for name in ("aux_loss_coeff", "z_loss_coeff", "mi_loss_coeff", "bias_update_rate", "router_init_std"):
             check_number(_OWNER, name, getattr(self, name))
+        if self.mi_loss_coeff > 0 and self.router != "learned":
+            _fail("mi_loss_coeff", self.mi_loss_coeff,
+                  f"expected 0 with router={self.router!r}: the fixed random gate gets no gradient, so the "
+                  "mutual-information loss would do nothing; use router='learned' or mi_loss_coeff=0")
         check_choice(_OWNER, "bias_update_schedule", self.bias_update_schedule, BIAS_UPDATE_SCHEDULES)
         check_number(_OWNER, "bias_update_t0", self.bias_update_t0, strict=True)
         check_choice(_OWNER, "bias_update_mode", self.bias_update_mode, BIAS_UPDATE_MODES)

@@ -20,9 +20,9 @@ class MoELayer(nn.Module):
     """``y = layer(x)`` for ``x [..., d]``; the same shape comes back.
 
     After each forward, ``last_routing`` holds the (detached) routing of that call and
-    ``aux_loss()`` the differentiable balancing losses the trainer adds. ``active_experts`` is the
-    run-time k: set by the training schedule (``moe.advance_k_schedule``) or per deployment
-    (``moe.set_active_experts``); nothing about it is stored in the weights.
+    ``aux_loss()`` the sum of the differentiable router losses the trainer adds.
+    ``active_experts`` is the run-time k: set by the training schedule (``moe.advance_k_schedule``)
+    or per deployment (``moe.set_active_experts``); nothing about it is stored in the weights.
     """
 
     def __init__(self, config: MoEConfig, layer_idx: int = 0, dispatcher=None):
@@ -55,13 +55,14 @@ class MoELayer(nn.Module):
         to_experts = dataclasses.replace(routing, weights=routing.weights.to(self.experts.w1.dtype))
         rows, state = self.dispatcher.dispatch(tokens, to_experts)
         out = self.dispatcher.combine(self.experts(rows), state)  # [T, d]
-        losses = [loss for loss in (routing.aux_loss, routing.z_loss) if loss is not None]
+        losses = [loss for loss in (routing.aux_loss, routing.z_loss, routing.mi_loss) if loss is not None]
         self._losses = sum(losses) if losses else None
         self.last_routing = routing.detached()
         return out.reshape(shape)
 
     def aux_loss(self) -> Optional[torch.Tensor]:
-        """Auxiliary + z-loss of the last forward (already scaled by their coefficients), or None."""
+        """Sum of the router losses of the last forward (Switch aux loss, z-loss, mutual-information
+        loss; each already scaled by its coefficient), or None when none was computed."""
         return self._losses
 
     def extra_repr(self) -> str:

@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.balance import capacity_keep_mask, expert_capacity, router_z_loss, switch_aux_loss
+from moe.balance import (
+    capacity_keep_mask,
+    expert_capacity,
+    mutual_information_loss,
+    router_z_loss,
+    switch_aux_loss,
+)
 from moe.config import MoEConfig
 
 
@@ -54,6 +60,9 @@ class Routing:
     """Scalar, already times aux_loss_coeff; training mode with balance="aux_loss" only."""
     z_loss: Optional[torch.Tensor] = None
     """Scalar, already times z_loss_coeff; training mode with z_loss_coeff > 0 only."""
+    mi_loss: Optional[torch.Tensor] = None
+    """Scalar, already times mi_loss_coeff (ModuleFormer's H(m|x) - H(m)); training mode with
+    mi_loss_coeff > 0 only."""
 
     @property
     def num_dropped(self) -> int:
@@ -73,6 +82,7 @@ class Routing:
             kept=self.kept,
             aux_loss=None if self.aux_loss is None else self.aux_loss.detach(),
             z_loss=None if self.z_loss is None else self.z_loss.detach(),
+            mi_loss=None if self.mi_loss is None else self.mi_loss.detach(),
         )
 
 
@@ -183,10 +193,17 @@ class TopKRouter(nn.Module):
         if self.expert_bias is not None and self.training and torch.is_grad_enabled():
             self.pending_tokens += routed
 
-        aux_loss = z_loss = None
-        if self.training and cfg.balance == "aux_loss" and cfg.aux_loss_coeff > 0:
+        aux_loss = z_loss = mi_loss = None
+        use_aux = self.training and cfg.balance == "aux_loss" and cfg.aux_loss_coeff > 0
+        use_mi = self.training and cfg.mi_loss_coeff > 0
+        if use_aux or use_mi:
+            # a distribution over all E experts per token, from the unbiased scores: the softmax
+            # itself, or the sigmoid scores divided by their per-token sum
             probs = scores if cfg.score_function == "softmax" else scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
-            aux_loss = cfg.aux_loss_coeff * switch_aux_loss(probs, routed, k)
+            if use_aux:
+                aux_loss = cfg.aux_loss_coeff * switch_aux_loss(probs, routed, k)
+            if use_mi:
+                mi_loss = cfg.mi_loss_coeff * mutual_information_loss(probs)
         if self.training and cfg.z_loss_coeff > 0:
             z_loss = cfg.z_loss_coeff * router_z_loss(logits)
-        return Routing(indices, weights, tokens_per_expert, routed, kept, aux_loss, z_loss)
+        return Routing(indices, weights, tokens_per_expert, routed, kept, aux_loss, z_loss, mi_loss)
