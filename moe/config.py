@@ -43,6 +43,16 @@ class MoEConfig:
     num_experts: int = 8
     """Number of routed experts E."""
 
+    num_shared_experts: int = 0
+    """Shared experts (DeepSeekMoE): always active for every token, beside the k routed ones, and
+    run as one dense SwiGLU MLP of width ``num_shared_experts * shared_ffn_hidden_size`` whose
+    output is added to the routed experts' (never dispatched; data-parallel under expert
+    parallelism). 1 shared expert with k = 1 is DeepSpeed-MoE's Residual-MoE (a dense MLP plus one
+    routed expert as a correction; DeepSpeed also learns a per-token mix of the two, this sums them)."""
+
+    shared_ffn_hidden_size: Optional[int] = None
+    """Hidden width of each shared expert (default: ffn_hidden_size)."""
+
     top_k: int = 2
     """Active experts per token when ``k_schedule`` is "constant"; the run-time k can be changed
     with ``moe.set_active_experts`` (1..E) without touching the weights."""
@@ -130,6 +140,9 @@ class MoEConfig:
     def __post_init__(self) -> None:
         for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "k_schedule_steps"):
             check_int(_OWNER, name, getattr(self, name))
+        check_int(_OWNER, "num_shared_experts", self.num_shared_experts, minimum=0)
+        if self.shared_ffn_hidden_size is not None:
+            check_int(_OWNER, "shared_ffn_hidden_size", self.shared_ffn_hidden_size)
         if self.top_k > self.num_experts:
             _fail("top_k", self.top_k, f"expected 1 <= top_k <= num_experts ({self.num_experts})")
         check_choice(_OWNER, "router", self.router, ROUTERS)
@@ -167,6 +180,11 @@ class MoEConfig:
                 _fail(name, getattr(self, name), f"expected at most num_experts ({self.num_experts})")
         if self.k_min > self.k_max:
             _fail("k_min", self.k_min, f"expected k_min <= k_max ({self.k_max})")
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the shared experts' MLP (0 without shared experts)."""
+        return self.num_shared_experts * (self.shared_ffn_hidden_size or self.ffn_hidden_size)
 
     @property
     def uses_bias(self) -> bool:

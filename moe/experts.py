@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -44,3 +45,16 @@ class GroupedExperts(nn.Module):
             rows.source, rows.row_index, rows.row_weight, offsets, self.w1, self.w3, self.w2,
             activation=self.activation, backend=self.backend,
         )
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU feed-forward ``w2(silu(w1 x) * w3 x)``: the dense blocks' FFN and the MoE layer's shared experts."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, ffn, bias=False)
+        self.w3 = nn.Linear(hidden, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

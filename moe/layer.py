@@ -11,7 +11,7 @@ from torch import nn
 from moe.config import MoEConfig
 from moe.dispatch import LocalDispatcher
 from moe.errors import UserError
-from moe.experts import GroupedExperts
+from moe.experts import DenseFFN, GroupedExperts
 from moe.routers import Routing, TopKRouter
 from moe.schedules import k_at_step
 
@@ -31,6 +31,8 @@ class MoELayer(nn.Module):
         self.layer_idx = layer_idx
         self.router = TopKRouter(config, layer_idx)
         self.experts = GroupedExperts(config)
+        # Always active, never dispatched: ordinary (data-parallel) parameters under expert parallelism.
+        self.shared_mlp = DenseFFN(config.hidden_size, config.shared_width) if config.num_shared_experts else None
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(config.num_experts)
         self.active_experts = k_at_step(config, 0)
         self.last_routing: Optional[Routing] = None
@@ -55,6 +57,8 @@ class MoELayer(nn.Module):
         to_experts = dataclasses.replace(routing, weights=routing.weights.to(self.experts.w1.dtype))
         rows, state = self.dispatcher.dispatch(tokens, to_experts)
         out = self.dispatcher.combine(self.experts(rows), state)  # [T, d]
+        if self.shared_mlp is not None:
+            out = out + self.shared_mlp(tokens)
         losses = [loss for loss in (routing.aux_loss, routing.z_loss, routing.mi_loss) if loss is not None]
         self._losses = sum(losses) if losses else None
         self.last_routing = routing.detached()

@@ -20,6 +20,7 @@ from torch import nn
 
 from moe.config import MoEConfig
 from moe.errors import UserError
+from moe.experts import DenseFFN
 from moe.layer import MoELayer
 from moe.validation import check_bool, check_int, check_number, fail, from_dict
 
@@ -193,19 +194,6 @@ class KVCache:
         """Called after a forward over ``seq`` positions (the layer caches already grew)."""
 
 
-class DenseFFN(nn.Module):
-    """SwiGLU feed-forward for the blocks that are not MoE."""
-
-    def __init__(self, hidden: int, ffn: int):
-        super().__init__()
-        self.w1 = nn.Linear(hidden, ffn, bias=False)
-        self.w3 = nn.Linear(hidden, ffn, bias=False)
-        self.w2 = nn.Linear(ffn, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -260,6 +248,8 @@ class MoETransformer(nn.Module):
                     if weight is not None:
                         nn.init.normal_(weight, mean=0.0, std=std)
                 nn.init.normal_(experts.w2, mean=0.0, std=residual_std)
+                if block.ffn.shared_mlp is not None:
+                    nn.init.normal_(block.ffn.shared_mlp.w2.weight, mean=0.0, std=residual_std)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, cache=None):
         """``cache``: a :class:`KVCache` (or :class:`moe.decode.StaticKVCache`) holding the earlier
@@ -347,14 +337,17 @@ class MoETransformer(nn.Module):
         ``active_k`` experts per MoE layer (default: each layer's current k), the dense FFNs and the
         LM head. Elementwise work and norms are not counted."""
         cfg = self.config
-        d, moe_cfg = cfg.hidden_size, cfg.moe
-        per_expert = (3 if moe_cfg.activation == "swiglu" else 2) * d * moe_cfg.ffn_hidden_size
+        d = cfg.hidden_size
         total = 2 * self.lm_head.weight.numel()
         for block in self.blocks:
             total += 2 * (block.attn.qkv.weight.numel() + block.attn.out.weight.numel()) + 4 * d * context
             if isinstance(block.ffn, MoELayer):
-                k = block.ffn.active_experts if active_k is None else active_k
-                total += 2 * d * moe_cfg.num_experts + 2 * k * per_expert
+                layer_cfg = block.ffn.config  # this block's own (its E may differ from other blocks')
+                per_expert = (3 if layer_cfg.activation == "swiglu" else 2) * d * layer_cfg.ffn_hidden_size
+                k = block.ffn.active_experts if active_k is None else min(active_k, layer_cfg.num_experts)
+                total += 2 * d * layer_cfg.num_experts + 2 * k * per_expert
+                if block.ffn.shared_mlp is not None:  # always active
+                    total += 2 * sum(p.numel() for p in block.ffn.shared_mlp.parameters())
             else:
                 total += 2 * sum(p.numel() for p in block.ffn.parameters())
         return total
@@ -369,7 +362,7 @@ class MoETransformer(nn.Module):
             if isinstance(block.ffn, MoELayer):
                 experts = block.ffn.experts
                 per_expert = sum(w[0].numel() for w in (experts.w1, experts.w2, experts.w3) if w is not None)
-                inactive += (experts.num_experts - active_k) * per_expert
+                inactive += max(0, experts.num_experts - active_k) * per_expert
         return total - inactive
 
 

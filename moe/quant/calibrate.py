@@ -64,6 +64,9 @@ def stage_targets(config: ModelConfig, layer_idx: int, stage: int) -> list[Targe
         targets = [Target(prefix + "attn.qkv.weight", None, "attn.qkv"), Target(prefix + "attn.out.weight", None, "attn.out")]
         if moe_block:
             targets.append(Target(prefix + "ffn.router.weight", None, "router"))
+            if config.moe.num_shared_experts:  # always active: quantized like a dense FFN
+                targets += [Target(prefix + f"ffn.shared_mlp.{name}.weight", None, hessian)
+                            for name, hessian in (("w1", "shared.in"), ("w3", "shared.in"), ("w2", "shared.mid"))]
         else:
             targets += [Target(prefix + f"ffn.{name}.weight", None, hessian)
                         for name, hessian in (("w1", "ffn.in"), ("w3", "ffn.in"), ("w2", "ffn.mid"))]
@@ -160,6 +163,10 @@ def capture_hessians(
         handles.append(block.attn.out.register_forward_pre_hook(record("attn.out", d)))
         if isinstance(block.ffn, MoELayer):
             handles.append(block.ffn.router.register_forward_pre_hook(record("router", d)))
+            shared = block.ffn.shared_mlp
+            if shared is not None:
+                handles.append(shared.w1.register_forward_pre_hook(record("shared.in", d)))
+                handles.append(shared.w2.register_forward_pre_hook(record("shared.mid", shared.w2.in_features)))
         else:
             assert isinstance(block.ffn, DenseFFN)
             handles.append(block.ffn.w1.register_forward_pre_hook(record("ffn.in", d)))

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,6 +24,7 @@ from launch.quantize.job import QuantizeOptions, quantize_model
 from moe.quant import QuantSpec, gptq
 from moe.quant.calibrate import set_target_weight, stage_targets, target_weight
 from parallel.engine import free_port
+from tests.launch.ray_cluster import ray_head as start_ray_head
 from tests.runs import REPO
 
 # Small enough for CI: 8 calibration sequences of 64 tokens, the model routed at k = 2.
@@ -280,40 +279,8 @@ def test_other_settings_do_not_resume_a_partial_job(tmp_path):
 @pytest.fixture
 def ray_head(tmp_path):
     """`ray start --head --block` with token authentication, in a HOME of its own; stopped by PID."""
-    home = tmp_path / "home"
-    home.mkdir()
-    bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", PATH=f"{bin_dir}:{os.environ['PATH']}",
-               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    gcs, dashboard = free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        probe = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env,
-                               capture_output=True, text=True)
-        if probe.returncode == 0:
-            break
-        assert head.poll() is None, head.stdout.read()[-3000:]
-        time.sleep(1)
-    else:
-        head.terminate()
-        pytest.fail("the Ray head did not come up within 90 s")
-    try:
-        yield env, address, bin_dir
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with start_ray_head(tmp_path) as head:
+        yield head
 
 
 def test_ray_job_submit_quantizes_the_tiny_model(ray_head, tiny_export, tmp_path):
@@ -357,3 +324,25 @@ def test_compare_writes_the_table(tiny_export, tmp_path, capsys):
     assert main(args) == 0
     again = json.loads((out / "compare.json").read_text())
     assert [row["wall_s"] for row in again["rows"]] == [row["wall_s"] for row in report["rows"]]
+
+
+def test_shared_experts_are_quantized_like_a_dense_ffn(tmp_path):
+    """GPTQ on the always-active shared MLP, with its own input and middle Hessians (calibration
+    hooks on shared_mlp.w1 and .w2), packed and loaded like every other linear."""
+    config = moe.ModelConfig(num_layers=2, num_heads=2, max_seq_len=64, moe=moe.MoEConfig(
+        hidden_size=32, ffn_hidden_size=16, num_experts=4, top_k=2, router="random", num_shared_experts=1))
+    torch.manual_seed(0)
+    model = moe.MoETransformer(config).eval()
+    moe.save_pretrained(model, tmp_path / "fp")
+    with ray_session(None, num_cpus=2):
+        quantize_model(str(tmp_path / "fp"), str(tmp_path / "q"), small_options(shards=1, bits=8), progress=False)
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    for name in ("w1", "w3", "w2"):
+        assert f"blocks.1.ffn.shared_mlp.{name}.weight.qweight" in tensors
+        assert f"blocks.1.ffn.shared_mlp.{name}.weight" not in tensors
+    quantized = moe.load_pretrained(tmp_path / "q", device="cpu")
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        reference, got = model(ids), quantized(ids)
+    assert not torch.equal(quantized.blocks[1].ffn.shared_mlp.w1.weight, model.blocks[1].ffn.shared_mlp.w1.weight)
+    assert (got - reference).abs().max() < 0.05 * reference.abs().max()  # 8 bits: close to the fp model

@@ -38,6 +38,8 @@ CASES = {
     "skewed_to_rank0": dict(router="learned", balance="bias", top_k=2, skew=True),
     # capacity with drops (per rank, as DeepSpeed and Megatron count it)
     "capacity_probs": dict(router="learned", top_k=2, capacity_factor=0.5, drop_policy="probs"),
+    # a shared expert beside the routed ones: computed on each rank's own tokens, never dispatched
+    "shared_top2": dict(router="learned", top_k=2, num_shared_experts=1, shared_ffn_hidden_size=6),
 }
 
 
@@ -72,6 +74,7 @@ def run_case(name: str, options: dict, out_dir: Path, rank: int, world: int) -> 
             expected_y, expected_x_grad = y.detach(), x.grad.clone()
             expected_router = None if reference.router.weight.grad is None else reference.router.weight.grad.clone()
             expected_counts = reference.last_routing.tokens_per_expert.clone()
+            expected_shared = None if reference.shared_mlp is None else reference.shared_mlp.w1.weight.grad.clone()
 
     groups = expert_parallel_groups(world)
     apply_expert_parallel(layer, groups)
@@ -96,6 +99,9 @@ def run_case(name: str, options: dict, out_dir: Path, rank: int, world: int) -> 
         "local_expert_rows": layer.experts.w1.grad.abs().sum(dim=(1, 2)).gt(0).tolist(),
         "dropped": layer.last_routing.num_dropped,
         "experts": [first, last],
+        "shared_grad": None if layer.shared_mlp is None else diff(layer.shared_mlp.w1.weight.grad, expected_shared),
+        "shared_marked_expert": None if layer.shared_mlp is None else any(
+            getattr(p, "allreduce", True) is False for p in layer.shared_mlp.parameters()),
     }
     (out_dir / f"{name}.rank{rank}.json").write_text(json.dumps(result))
 

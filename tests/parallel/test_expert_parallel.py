@@ -25,7 +25,7 @@ from launch.export import export_checkpoint
 from tests.runs import TINY, deepspeed_launch, records, train_under_launcher
 
 WORKER = Path(__file__).with_name("ep_worker.py")
-CASES = ("learned_top2", "random_bias_top3", "skewed_to_rank0", "capacity_probs")
+CASES = ("learned_top2", "random_bias_top3", "skewed_to_rank0", "capacity_probs", "shared_top2")
 RTOL = 1e-4  # DeepSpeed's own MoE tests hold expert gradients to rtol 1e-4
 
 
@@ -61,6 +61,13 @@ def test_a_replica_that_drifted_is_caught(layer_results):
     for rank in (0, 1):
         error = layer_results["replicas", rank]["error"]
         assert error is not None and "router.expert_bias" in error
+
+
+def test_shared_experts_stay_data_parallel_and_see_their_ranks_tokens(layer_results):
+    for rank in (0, 1):
+        r = layer_results["shared_top2", rank]
+        assert r["shared_marked_expert"] is False  # all-reduced over every rank like any dense weight
+        assert r["shared_grad"] <= RTOL * r["expert_grad_scale"], r  # from this rank's tokens alone
 
 
 def test_capacity_mode_drops_per_rank(layer_results):
