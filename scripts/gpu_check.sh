@@ -13,7 +13,7 @@
 #      and puts that and the checkout on PYTHONPATH; fails if deepspeed still cannot be imported;
 #   3. runs these steps, each with its own time limit (`timeout`), its own log, pass/fail and wall
 #      seconds, going on after a failure (a step whose input failed is skipped):
-#        pytest         pytest -m gpu over tests/kernels, tests/moe and tests/launch
+#        pytest         pytest -m gpu over tests/kernels, tests/moe, tests/launch and tests/parallel/test_megatron.py
 #        bench          moe bench kernels (default shapes, repeats and output file)
 #        tiny-train     moe train configs/tiny.yaml on 1 GPU, then on its export:
 #        tiny-export, tiny-eval, tiny-slim, tiny-generate
@@ -233,7 +233,7 @@ IFS=',' read -r -a groups <<<"$GROUPS_TO_RUN"
 for group in "${groups[@]}"; do
     case $group in
     pytest)
-        run_step pytest 240 -- "$PYTHON" -m pytest -q -m gpu tests/kernels tests/moe tests/launch \
+        run_step pytest 240 -- "$PYTHON" -m pytest -q -m gpu tests/kernels tests/moe tests/launch tests/parallel/test_megatron.py \
             -p no:cacheprovider --durations=15 "${pytest_ignore[@]}" "${pytest_extra[@]}"
         ;;
     bench)

@@ -13,7 +13,8 @@
 #                       deepspeed's dependencies that the GPU image lacks (or has too old), downloaded
 #                       as binary wheels at the versions installed in .venv, which are known to work
 #                       with deepspeed 0.19.8 (fallback pins below where .venv lacks one)
-# Ray and megatron-core are not included: the GPU checks do not need them.
+#   megatron-core       (2.6 MB) for the gpu test of parallel/megatron.py: our router in Megatron's MoE layer
+# Ray is not included: the GPU checks do not need it.
 #
 # Safe to run again: a wheel already there at the pinned version is kept, a wheel of another
 # version of the same package is removed. Fails if the total is over WHEELHOUSE_MAX_MB (20).
@@ -35,8 +36,9 @@ declare -A FALLBACK=(
     [annotated-types]=0.8.0
     [typing-inspection]=0.4.5
     [typing_extensions]=4.16.0
+    [megatron-core]=0.16.1
 )
-PACKAGES=(hjson pydantic pydantic-core annotated-types typing-inspection typing_extensions)
+PACKAGES=(hjson pydantic pydantic-core annotated-types typing-inspection typing_extensions megatron-core)
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 
 if [ ! -x "$PYTHON" ] && ! command -v "$PYTHON" >/dev/null 2>&1; then

@@ -127,7 +127,7 @@ def test_gpu_check_runs_times_out_fails_skips_and_reports(tmp_path):
     # What ran, and that everything a run writes goes under the work folder.
     ran = calls.read_text()
     assert "--ignore=tests/moe/test_peer_parity.py" in ran  # no megatron-core
-    assert "-m pytest -q -m gpu tests/kernels tests/moe tests/launch -p no:cacheprovider" in ran
+    assert "-m pytest -q -m gpu tests/kernels tests/moe tests/launch tests/parallel/test_megatron.py -p no:cacheprovider" in ran
     assert (f"train --config configs/tiny.yaml --nproc 1 --set out_dir={work}/runs/tiny "
             f"--set data.cache_dir={work}/runs/cache") in ran
     assert "train.steps=60" in ran and "model.num_layers=8" in ran and "train.seq_len=1024" in ran
