@@ -337,10 +337,13 @@ class _ExtensionExpertMLP(torch.autograd.Function):
 
 
 @torch.compiler.disable
-def _extension_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation):
-    """Runs eagerly under ``torch.compile``: the extension is not a ``torch.library`` op, so the
-    graph breaks here (as it did at the Python fallback's ``offsets.tolist()``) without a warning."""
-    return _ExtensionExpertMLP.apply(x, row_index, row_weight, offsets, w1, w3, w2, activation)
+def _cpu_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation):
+    """The CPU "torch" path: the C++ kernel where it applies, else the blocked Python one. Runs
+    eagerly under ``torch.compile``: neither is a ``torch.library`` op (and loading the extension
+    takes a lock), so the graph breaks here once, without a warning."""
+    if _extension_applies(x, row_index, offsets, w1, w3, w2):
+        return _ExtensionExpertMLP.apply(x, row_index, row_weight, offsets, w1, w3, w2, activation)
+    return _BlockedExpertMLP.apply(x, row_index, row_weight, offsets, w1, w3, w2, activation)
 
 
 def _extension_applies(x, row_index, offsets, w1, w3, w2) -> bool:
@@ -377,9 +380,7 @@ def expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = 
             return expert_mlp_triton(x, row_index, row_weight, offsets, w1, w3, w2, activation)
         backend = "torch"
     if backend == "torch" and x.device.type == "cpu":
-        if _extension_applies(x, row_index, offsets, w1, w3, w2):
-            return _extension_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation)
-        return _BlockedExpertMLP.apply(x, row_index, row_weight, offsets, w1, w3, w2, activation)
+        return _cpu_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation)
     if backend in EXPERT_BACKENDS:
         return expert_mlp_reference(x, row_index, row_weight, offsets, w1, w3, w2, activation, backend=backend)
     raise ValueError(f"expert_mlp: unknown backend {backend!r}; expected one of {EXPERT_BACKENDS}")

@@ -16,6 +16,8 @@
     moe bench ep                             training step and all-to-all cost at EP=1 and EP=2
     moe bench quant --model PATH             quantization calibration time with 1 and 2 Ray workers
     moe bench kernels                        expert MLP backends vs dense matmuls of equal FLOPs (CUDA, bf16)
+    moe bench step                           training step: MoE vs its dense equivalent, eager and compiled
+    moe bench decode                         ms per decoded token at each k (static cache, CUDA graphs)
     moe config CONFIG [--set k=v]            validate a run config, print it and its parameter counts
 
 Mistakes a user can fix (a config value, a path, a flag: :class:`moe.errors.UserError`) print one

@@ -22,7 +22,7 @@ import yaml
 
 from moe import ModelConfig
 from moe.errors import UserError
-from moe.validation import check_choice, check_int, check_number, fail, from_dict
+from moe.validation import check_bool, check_choice, check_int, check_number, fail, from_dict
 
 
 class _Loader(yaml.SafeLoader):
@@ -115,6 +115,10 @@ class TrainConfig:
     precision: str = "auto"
     """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
 
+    compile: bool = False
+    """torch.compile each transformer block (``moe.compile_blocks``) before the DeepSpeed engine is
+    built: one graph per block, reused by every layer; parameter names and checkpoints unchanged."""
+
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "eval_batches", "save_every"):
             check_int("train", name, getattr(self, name))
@@ -123,6 +127,7 @@ class TrainConfig:
         check_int("train", "seed", self.seed, minimum=0)
         check_int("train", "keep_checkpoints", self.keep_checkpoints, minimum=0)
         check_choice("train", "precision", self.precision, ("auto", "fp32", "bf16"))
+        check_bool("train", "compile", self.compile)
         check_number("train", "lr", self.lr, strict=True)
         check_number("train", "min_lr_ratio", self.min_lr_ratio)
         check_number("train", "weight_decay", self.weight_decay)
@@ -164,9 +169,10 @@ class RunConfig:
                 f"train.seq_len={self.train.seq_len!r} is invalid: at most model.max_seq_len ({self.model.max_seq_len})"
             )
         ep, experts = self.parallel.expert_parallel_size, self.model.moe.num_experts
-        if experts % ep:
+        if any(e % ep for e in (experts if isinstance(experts, list) else [experts])):
             raise UserError(
-                f"parallel.expert_parallel_size={ep} is invalid: it must divide model.moe.num_experts ({experts})"
+                f"parallel.expert_parallel_size={ep} is invalid: it must divide model.moe.num_experts ({experts}"
+                f"{', every block' if isinstance(experts, list) else ''})"
             )
         if not isinstance(self.deepspeed, dict):
             raise UserError(f"deepspeed={self.deepspeed!r} is invalid: expected a mapping (a DeepSpeed config)")

@@ -69,7 +69,7 @@ def evaluate(
         from moe.devices import collective_device
 
         where = collective_device()
-    loads = meter.stacked_load().to(where)  # [L, E]
+    loads = meter.stacked_load().to(where)  # [L, max E]
     totals = torch.tensor([0.0, count, meter.dropped, meter.assignments, elapsed], dtype=torch.float64, device=where)
     totals[:1].copy_(loss_sum.reshape(1))
     if world_size > 1:
@@ -82,7 +82,7 @@ def evaluate(
     if tokens_total == 0:
         raise UserError(f"the validation split has fewer than {seq_len + 1} tokens: nothing to evaluate")
     mean_loss = loss_total / tokens_total
-    per_layer = {name: max_violation(load) for name, load in zip(layers, loads)}
+    per_layer = {name: max_violation(load) for name, load in meter.per_layer(loads).items()}
     return {
         "loss": mean_loss,
         "perplexity": math.exp(min(mean_loss, 700.0)),

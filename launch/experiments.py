@@ -98,7 +98,7 @@ def slimming_rows(exports: dict[str, Path], batches: int) -> list[dict]:
     from launch.slim import default_ks
     from moe import load_pretrained
 
-    num_experts = load_pretrained(next(iter(exports.values()))).config.moe.num_experts
+    num_experts = load_pretrained(next(iter(exports.values()))).config.moe.max_experts
     rows = []
     for k in default_ks(num_experts):
         row = {"k": k}

@@ -121,7 +121,7 @@ def sweep(path: str, ks: Optional[list[int]] = None, data: Optional[str] = None,
     from moe.devices import describe_device
 
     model, trained_on = loaded if loaded is not None else load_model_for_eval(path, device)
-    num_experts = model.config.moe.num_experts
+    num_experts = model.config.moe.max_experts  # k up to the largest E; smaller layers run all of theirs
     ks = ks or default_ks(num_experts)
     seq_len = model.config.max_seq_len
     trained_path, cache_dir, val_permille = resolve_recorded_paths(path, trained_on)  # never the current directory
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:  # MODEL/slim, the default, is a folder of its own; MODEL itself would mix files
         check_output_apart(args.out, args.model, "--out", "--model", nested=True)
     loaded = load_model_for_eval(args.model, args.device)  # fails early, with one line, on a bad path
-    ks = parse_ks(args.k, loaded[0].config.moe.num_experts)
+    ks = parse_ks(args.k, loaded[0].config.moe.max_experts)
     rows, facts = sweep(args.model, ks, args.data, args.batches, args.batch_size, args.decode_tokens, loaded)
     out = Path(args.out).expanduser() if args.out else Path(args.model).expanduser() / SWEEP_DIR
     paths = write_outputs(rows, facts, out)

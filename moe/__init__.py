@@ -10,6 +10,7 @@ Imports ``kernels``; never ``parallel``, ``launch``, deepspeed or ray.
 """
 
 from moe import balance
+from moe.compile import compile_blocks
 from moe.config import MoEConfig
 from moe.dispatch import GroupedRows, LocalDispatcher
 from moe.experts import GroupedExperts
@@ -36,6 +37,7 @@ __all__ = [
     "balance",
     "collect_aux_losses",
     "collect_routing_metrics",
+    "compile_blocks",
     "k_at_step",
     "load_entropy",
     "load_pretrained",

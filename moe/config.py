@@ -7,8 +7,9 @@ onto these fields one to one (see :meth:`MoEConfig.from_dict`); unknown keys are
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 from moe.validation import check_bool, check_choice, check_int, check_number, fail, from_dict
 
@@ -40,8 +41,10 @@ class MoEConfig:
     ffn_hidden_size: int = 512
     """Hidden width f of each expert MLP (w1/w3 are [E, d, f], w2 is [E, f, d])."""
 
-    num_experts: int = 8
-    """Number of routed experts E."""
+    num_experts: Union[int, list] = 8
+    """Number of routed experts E; or one count per MoE block, first to last (DeepSpeed-MoE's PR-MoE
+    pyramid, e.g. ``[4, 4, 8, 8]``). With a list, ``top_k``, ``k_min`` and ``k_max`` may go up to the
+    largest E and each block takes ``min(k, its E)`` (:meth:`for_block`)."""
 
     num_shared_experts: int = 0
     """Shared experts (DeepSeekMoE): always active for every token, beside the k routed ones, and
@@ -138,13 +141,21 @@ class MoEConfig:
     """Optimizer steps over which a non-constant schedule goes from k_min to k_max."""
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "k_schedule_steps"):
+        for name in ("hidden_size", "ffn_hidden_size", "top_k", "k_schedule_steps"):
             check_int(_OWNER, name, getattr(self, name))
+        if isinstance(self.num_experts, (list, tuple)):
+            self.num_experts = list(self.num_experts)
+            if not self.num_experts or any(isinstance(e, bool) or not isinstance(e, int) or e < 1
+                                           for e in self.num_experts):
+                _fail("num_experts", self.num_experts, "expected an integer >= 1, or a non-empty list of them "
+                      "(one per MoE block)")
+        else:
+            check_int(_OWNER, "num_experts", self.num_experts)
         check_int(_OWNER, "num_shared_experts", self.num_shared_experts, minimum=0)
         if self.shared_ffn_hidden_size is not None:
             check_int(_OWNER, "shared_ffn_hidden_size", self.shared_ffn_hidden_size)
-        if self.top_k > self.num_experts:
-            _fail("top_k", self.top_k, f"expected 1 <= top_k <= num_experts ({self.num_experts})")
+        if self.top_k > self.max_experts:
+            _fail("top_k", self.top_k, f"expected 1 <= top_k <= num_experts ({self.max_experts})")
         check_choice(_OWNER, "router", self.router, ROUTERS)
         check_choice(_OWNER, "score_function", self.score_function, SCORE_FUNCTIONS)
         check_bool(_OWNER, "normalize_topk", self.normalize_topk)
@@ -173,13 +184,35 @@ class MoEConfig:
         if self.k_min is None:
             self.k_min = self.top_k
         if self.k_max is None:
-            self.k_max = self.num_experts if self.k_schedule != "constant" else self.top_k
+            self.k_max = self.max_experts if self.k_schedule != "constant" else self.top_k
         for name in ("k_min", "k_max"):
             check_int(_OWNER, name, getattr(self, name))
-            if getattr(self, name) > self.num_experts:
-                _fail(name, getattr(self, name), f"expected at most num_experts ({self.num_experts})")
+            if getattr(self, name) > self.max_experts:
+                _fail(name, getattr(self, name), f"expected at most num_experts ({self.max_experts})")
         if self.k_min > self.k_max:
             _fail("k_min", self.k_min, f"expected k_min <= k_max ({self.k_max})")
+
+    @property
+    def per_block(self) -> bool:
+        """True when ``num_experts`` is a list: one count per MoE block."""
+        return isinstance(self.num_experts, list)
+
+    @property
+    def max_experts(self) -> int:
+        """The largest E of any block (E itself when every block has E experts)."""
+        return max(self.num_experts) if self.per_block else self.num_experts
+
+    def for_block(self, moe_index: int) -> "MoEConfig":
+        """The config of the ``moe_index``-th MoE block (0-based, counting MoE blocks only): its own
+        E, and top_k, k_min, k_max capped at that E. The config itself when E is one number."""
+        if not self.per_block:
+            return self
+        if not 0 <= moe_index < len(self.num_experts):
+            raise ValueError(f"MoEConfig.for_block: MoE block {moe_index} of {len(self.num_experts)} "
+                             f"(num_experts={self.num_experts})")
+        experts = self.num_experts[moe_index]
+        return dataclasses.replace(self, num_experts=experts, top_k=min(self.top_k, experts),
+                                   k_min=min(self.k_min, experts), k_max=min(self.k_max, experts))
 
     @property
     def shared_width(self) -> int:

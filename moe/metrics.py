@@ -94,14 +94,19 @@ class LoadMeter:
             self.assignments += routing.indices.numel()
 
     def stacked_load(self) -> torch.Tensor:
-        """``[L, E]`` float64 on the layers' device: each layer's load so far (zeros for a layer not
-        seen yet), ready to be summed over ranks with one all-reduce."""
+        """``[L, max E]`` float64 on the layers' device: each layer's load so far (zeros for a layer
+        not seen yet, and past a layer's E when layers differ in E), ready to be summed over ranks
+        with one all-reduce; :meth:`per_layer` takes the rows apart again."""
         device = next((load.device for load in self.load.values() if load is not None), None)
-        return torch.stack([
-            self.load[name].double() if self.load[name] is not None
-            else torch.zeros(layer.num_experts, dtype=torch.float64, device=device)
-            for name, layer in self.layers.items()
-        ])
+        widest = max(layer.num_experts for layer in self.layers.values())
+        rows = [self.load[name].double() if self.load[name] is not None
+                else torch.zeros(layer.num_experts, dtype=torch.float64, device=device)
+                for name, layer in self.layers.items()]
+        return torch.stack([torch.nn.functional.pad(row, (0, widest - row.numel())) for row in rows])
+
+    def per_layer(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Layer name -> its ``[E]`` load, from a :meth:`stacked_load` (or its sum over ranks)."""
+        return {name: row[: layer.num_experts] for (name, layer), row in zip(self.layers.items(), stacked)}
 
     def summary(self) -> dict:
         per_layer = {name: max_violation(load) for name, load in self.load.items() if load is not None}

@@ -73,6 +73,10 @@ class ModelConfig:
             fail(_OWNER, "num_heads", self.num_heads, f"it must divide moe.hidden_size ({self.moe.hidden_size})")
         if (self.moe.hidden_size // self.num_heads) % 2:
             fail(_OWNER, "num_heads", self.num_heads, "the head dim must be even for rotary")
+        if self.moe.per_block and len(self.moe.num_experts) != self.num_moe_layers:
+            fail(_OWNER, "moe.num_experts", self.moe.num_experts,
+                 f"expected one count per MoE block: {self.num_moe_layers} (num_layers={self.num_layers}, "
+                 f"moe_every={self.moe_every})")
         if self.dense_ffn_hidden_size is not None:
             check_int(_OWNER, "dense_ffn_hidden_size", self.dense_ffn_hidden_size)
         for name in ("rope_theta", "norm_eps", "init_std"):
@@ -85,6 +89,14 @@ class ModelConfig:
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx % self.moe_every == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+    def moe_config(self, layer_idx: int) -> MoEConfig:
+        """The MoE config of block ``layer_idx`` (an MoE block): its own E under a per-block list."""
+        return self.moe.for_block(sum(self.is_moe_layer(i) for i in range(layer_idx)))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
@@ -113,12 +125,22 @@ def rotary_table(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of ``x [B, H, S, D]`` by the angles of ``table [S, D/2, 2]``.
+    """Rotate pairs (x[2i], x[2i+1]) of ``x [B, H, S, D]`` by the angles of ``table [S, D/2, 2]``,
+    in fp32: ``(x0 cos - x1 sin, x0 sin + x1 cos)``.
 
-    Each pair is the complex number x[2i] + i x[2i+1], multiplied by cos + i sin in fp32: three
-    kernels (upcast, complex product, downcast) rather than one per term."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # [B, H, S, D/2]
-    rotated = torch.view_as_real(pairs * torch.view_as_complex(table.contiguous()))  # [B, H, S, D/2, 2]
+    Eagerly, each pair is the complex number x0 + i x1 times cos + i sin: three kernels (upcast,
+    complex product, downcast) instead of one per term. Under ``torch.compile`` the same products
+    are written in real arithmetic, which Inductor fuses into one kernel (it generates no code for
+    complex tensors). Both give the same bits."""
+    table = table.float()
+    if torch.compiler.is_compiling():
+        pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, S, D/2, 2]
+        cos, sin = table[..., 0], table[..., 1]
+        even, odd = pairs[..., 0], pairs[..., 1]
+        rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    else:
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # [B, H, S, D/2]
+        rotated = torch.view_as_real(pairs * torch.view_as_complex(table.contiguous()))  # [B, H, S, D/2, 2]
     return rotated.flatten(-2).type_as(x)
 
 
@@ -202,7 +224,7 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(d, config.norm_eps)
         if config.is_moe_layer(layer_idx):
-            self.ffn = MoELayer(config.moe, layer_idx=layer_idx)
+            self.ffn = MoELayer(config.moe_config(layer_idx), layer_idx=layer_idx)
         else:
             ffn = config.dense_ffn_hidden_size or config.moe.ffn_hidden_size * config.moe.top_k
             self.ffn = DenseFFN(d, ffn)
@@ -230,6 +252,15 @@ class MoETransformer(nn.Module):
         self._init_weights()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def _apply(self, fn, recurse=True):
+        # The rotary angles stay fp32 through model.to(torch.bfloat16)/.half(), as the router does:
+        # positions far into the sequence need more than bf16's 8 bits of angle.
+        rotary = self.rotary
+        super()._apply(fn, recurse)
+        if rotary.dtype == torch.float32 and self.rotary.dtype != torch.float32:
+            self.rotary = rotary.to(device=self.rotary.device)
+        return self
 
     def _init_weights(self) -> None:
         std = self.config.init_std

@@ -115,12 +115,13 @@ def _active_experts(meta: dict, config: ModelConfig, config_path: Path) -> list[
     active = meta.get("active_experts")
     if active is None:
         return None
-    layers = sum(config.is_moe_layer(i) for i in range(config.num_layers))
-    experts = config.moe.num_experts
-    if (not isinstance(active, list) or len(active) != layers
-            or not all(type(k) is int and 1 <= k <= experts for k in active)):
+    moe_blocks = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+    experts = [config.moe_config(i).num_experts for i in moe_blocks]
+    if (not isinstance(active, list) or len(active) != len(moe_blocks)
+            or not all(type(k) is int and 1 <= k <= e for k, e in zip(active, experts))):
+        limit = f"1..{experts[0]}" if len(set(experts)) == 1 else f"1..E of its layer (E = {experts})"
         raise UserError(f"{config_path}: \"active_experts\"={active!r} is invalid: expected a list of one k per "
-                        f"MoE layer ({layers} layers), each an integer in 1..{experts}")
+                        f"MoE layer ({len(moe_blocks)} layers), each an integer in {limit}")
     return active
 
 

@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from moe.balance import updated_expert_bias
@@ -25,9 +26,18 @@ def _layers_or_fail(module: nn.Module, what: str):
 
 def set_active_experts(module: nn.Module, k: Union[int, Sequence[int]]) -> None:
     """Set the run-time k on every MoE layer: one int for all, or a list with one k per layer
-    (in module order). k < 1 or k > E raises ``ValueError`` naming the layer."""
+    (in module order). One int k may go up to the largest E of any layer, and a layer with fewer
+    experts (a PR-MoE pyramid) runs all of its own; k < 1, a k above every layer's E, or a listed
+    k above its layer's E raises ``ValueError`` naming the layer."""
     layers = _layers_or_fail(module, "set_active_experts")
-    ks = list(k) if isinstance(k, (list, tuple)) else [k] * len(layers)
+    if isinstance(k, (list, tuple)):
+        ks = list(k)
+    else:
+        most = max(layer.num_experts for layer in layers)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= most:
+            raise UserError(f"set_active_experts: k={k!r} is invalid: expected an integer in 1..{most} "
+                            "(the number of experts)")
+        ks = [min(k, layer.num_experts) for layer in layers]
     if len(ks) != len(layers):
         raise UserError(f"set_active_experts: got {len(ks)} values of k for {len(layers)} MoE layers")
     for layer, layer_k in zip(layers, ks):  # validate everything before changing anything
@@ -54,17 +64,21 @@ def update_expert_biases(module: nn.Module, group: Optional[dist.ProcessGroup] =
     step. The token counts accumulated since the last call (training-mode forwards only) are summed
     over ``group`` when given, with one all-reduce for all layers, then reset.
 
-    Returns the ``[L, E]`` summed counts (rows in module order), or None if no layer balances by bias.
+    Returns the ``[L, E]`` summed counts (rows in module order; with per-layer expert counts,
+    ``[L, max E]`` with zeros past each layer's E), or None if no layer balances by bias.
     """
     routers = [layer.router for _, layer in moe_layers(module) if layer.router.expert_bias is not None]
     if not routers:
         return None
-    counts = torch.stack([router.pending_tokens for router in routers])  # [L, E]
+    widest = max(router.pending_tokens.numel() for router in routers)  # layers may differ in E (PR-MoE)
+    counts = torch.stack([F.pad(router.pending_tokens, (0, widest - router.pending_tokens.numel()))
+                          for router in routers])  # [L, max E], zeros past a layer's E
     if group is not None:
         counts = on_collective_device(counts, group)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
         counts = counts.to(routers[0].pending_tokens.device)
     for router, layer_counts in zip(routers, counts):
+        layer_counts = layer_counts[: router.pending_tokens.numel()]
         # All on the device, no host sync: a layer that routed nothing keeps its bias and its count.
         cfg = router.config
         routed = layer_counts.sum() > 0

@@ -318,14 +318,23 @@ def optimizer_state_dict(root: str | os.PathLike, tag: str) -> dict[str, torch.T
 
 
 def _expert_range(model) -> Optional[tuple[int, int, int]]:
-    """(first, last, num_experts) of this rank's experts, or None when experts are not sharded."""
+    """(first, last, num_experts) of this rank's experts in the first MoE layer, or None when
+    experts are not sharded (names the shard files)."""
+    spans = _expert_spans(model)
+    return next(iter(spans.values())) if spans else None
+
+
+def _expert_spans(model) -> dict[str, tuple[int, int, int]]:
+    """``"<layer>.experts."`` -> (first, last, num_experts) of this rank's slice of that layer's
+    experts (layers may differ in E: a PR-MoE pyramid); empty when experts are not sharded."""
     from moe.metrics import moe_layers
 
-    for _, layer in moe_layers(model):
-        first_last = getattr(layer, "expert_range", None)
-        if first_last is not None:
-            return (*first_last, layer.num_experts)
-    return None
+    return {f"{name}.experts.": (*layer.expert_range, layer.num_experts) for name, layer in moe_layers(model)
+            if getattr(layer, "expert_range", None) is not None}
+
+
+def _span_of(spans: dict, name: str) -> Optional[tuple[int, int, int]]:
+    return next((span for prefix, span in spans.items() if name.startswith(prefix)), None)
 
 
 def _is_expert_writer(model) -> bool:
@@ -429,14 +438,16 @@ def save_portable(engine, folder: Path) -> None:
         target["model"][name] = (tensor.detach() if full is None else full).float()
         for key, moment in _moments(engine, tensor).items():
             target["optim"][f"{name}.{key}"] = moment.float()
-    span = _expert_range(model)
+    spans = _expert_spans(model)
     if dist.get_rank() == 0:
         for kind, tensors in replicated.items():
             _save_tensors(folder / f"{kind}.safetensors", tensors, {})
-    if span is not None and _is_expert_writer(model):
-        first, last, total = span
-        meta = {"first_expert": str(first), "last_expert": str(last), "num_experts": str(total)}
+    if spans and _is_expert_writer(model):
+        first, last, _ = next(iter(spans.values()))  # the first layer's slice names the file
         for kind, tensors in experts.items():
+            # each tensor's own slice: layers may differ in E
+            ranges = {key: list(_span_of(spans, key.rsplit(".exp_avg", 1)[0])) for key in tensors}
+            meta = {"expert_ranges": json.dumps(ranges)}
             _save_tensors(folder / f"{kind}.experts-{first:05d}-{last:05d}.safetensors", tensors, meta)
 
 
@@ -458,22 +469,34 @@ def _read_portable(folder: Path, kind: str) -> dict[str, torch.Tensor]:
     shards = sorted(folder.glob(f"{kind}.experts-*.safetensors"))
     if not shards:
         return state
-    pieces: dict[str, list] = {}
-    expected_first, total = 0, None
-    for shard in shards:  # names sort by first expert
+    pieces: dict[str, list] = {}  # name -> [(first, last, total, tensor)]
+    for shard in shards:
         meta = read_safetensors_metadata(shard)
         try:
-            first, last, total = int(meta["first_expert"]), int(meta["last_expert"]), int(meta["num_experts"])
-        except (KeyError, ValueError):
+            if "expert_ranges" in meta:  # one slice per tensor
+                ranges = {key: tuple(int(v) for v in span) for key, span in json.loads(meta["expert_ranges"]).items()}
+            else:  # written before per-layer expert counts: one slice for every tensor of the file
+                uniform = int(meta["first_expert"]), int(meta["last_expert"]), int(meta["num_experts"])
+                ranges = None
+        except (KeyError, ValueError, TypeError):
             raise CheckpointError(f"{shard}: no expert range in its metadata (not written by this trainer?)") from None
-        if first != expected_first:
-            raise CheckpointError(f"checkpoint {str(folder)!r} lacks experts {expected_first}..{first - 1} ({kind})")
         for key, tensor in load_safetensors(shard).items():
-            pieces.setdefault(key, []).append(tensor)
-        expected_first = last
-    if expected_first != total:
-        raise CheckpointError(f"checkpoint {str(folder)!r} lacks experts {expected_first}..{total - 1} ({kind})")
-    state.update({key: torch.cat(parts) for key, parts in pieces.items()})
+            span = uniform if ranges is None else ranges.get(key)
+            if span is None or len(span) != 3:
+                raise CheckpointError(f"{shard}: no expert range for {key!r} in its metadata")
+            pieces.setdefault(key, []).append((*span, tensor))
+    for key, parts in pieces.items():
+        parts.sort(key=lambda part: part[0])
+        expected_first, total = 0, parts[0][2]
+        for first, last, _, _ in parts:
+            if first != expected_first:
+                raise CheckpointError(f"checkpoint {str(folder)!r} lacks experts {expected_first}..{first - 1} of "
+                                      f"{key} ({kind})")
+            expected_first = last
+        if expected_first != total:
+            raise CheckpointError(f"checkpoint {str(folder)!r} lacks experts {expected_first}..{total - 1} of "
+                                  f"{key} ({kind})")
+        state[key] = torch.cat([part[3] for part in parts])
     return state
 
 
@@ -488,13 +511,13 @@ def restore_portable(engine, root: str | os.PathLike, tag: str, optimizer: bool 
     model = engine.module
     weights = model_state_dict(root, tag)
     moments = optimizer_state_dict(root, tag) if optimizer else {}
-    span = _expert_range(model)
+    spans = _expert_spans(model)
     steps = int(trainer_state(root, tag)["step"])
     for name, tensor, is_param in _named_state(model):
         if name not in weights:
             raise CheckpointError(f"checkpoint {str(folder)!r} has no tensor {name!r}")
-        sharded = is_param and is_expert_parameter(tensor) and span is not None
-        local = (lambda full: full[span[0]:span[1]]) if sharded else (lambda full: full)
+        span = _span_of(spans, name) if is_param and is_expert_parameter(tensor) else None
+        local = (lambda full, span=span: full[span[0]:span[1]]) if span is not None else (lambda full: full)
         value = local(weights[name])
         if tuple(value.shape) != tuple(tensor.shape):
             raise CheckpointError(f"{name}: shape {tuple(value.shape)} in the checkpoint, {tuple(tensor.shape)} here")

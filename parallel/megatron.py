@@ -155,6 +155,12 @@ def megatron_config_fields(config: MoEConfig) -> dict:
     """
     if not isinstance(config, MoEConfig):
         raise TypeError(f"megatron_config_fields: expected a MoEConfig, got {type(config).__name__}")
+    if config.per_block:
+        raise UserError(f"MoEConfig.num_experts={config.num_experts} (one count per block) has no Megatron-core "
+                        "equivalent: its num_moe_experts is one number for every MoE layer")
+    if config.num_shared_experts:
+        raise UserError("MoEConfig.num_shared_experts: map shared experts onto Megatron's own shared-expert MLP "
+                        "(moe_shared_expert_intermediate_size); this router does not carry them")
     gated, activation = _ACTIVATIONS[config.activation]
     first_k = k_at_step(config, 0)
     # softmax: top-k of the logits then softmax over the k == softmax renormalised over the k.

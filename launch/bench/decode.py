@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     model = MoETransformer(cfg.model).to(device=device, dtype=dtype).eval()
-    ks = parse_ks(args.k, cfg.model.moe.num_experts)
+    ks = parse_ks(args.k, cfg.model.moe.max_experts)
     paths = ("growing", "static") + (("graph",) + (("compiled",) if args.compile else ()) if device.type == "cuda" else ())
     if args.compile and device.type != "cuda":
         print("moe bench decode: --compile times the compiled CUDA graph; on the CPU it is skipped")

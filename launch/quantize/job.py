@@ -159,10 +159,12 @@ def calibration_sigma(model, input_ids: torch.Tensor, device: str = "cpu") -> fl
     ``device`` (a copy of the model goes there; the caller's stays where it is)."""
     import copy
 
+    from moe import moe_layers
     from moe.quant import expert_balance_sigma, expert_usage
 
     runner = model if torch.device(device) == next(model.parameters()).device else copy.deepcopy(model).to(device)
-    return float(expert_balance_sigma(expert_usage(runner, input_ids)))
+    widths = [layer.num_experts for _, layer in moe_layers(runner)]
+    return float(expert_balance_sigma(expert_usage(runner, input_ids), widths))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,12 +297,17 @@ def _apply(model_state: dict, solved: dict) -> None:
             set_target_weight(model_state, Target(param, e if isinstance(result, list) else None, ""), part.dequantize())
 
 
-def _collect(solved: dict, targets, results, num_experts: int) -> None:
+def _collect(solved: dict, targets, results, config) -> None:
+    """Put each target's result where it goes: a linear's whole weight, or one expert's slice of
+    a stacked weight (a list of its layer's E, from ``config``: layers may differ in E)."""
+    from moe.quant.calibrate import target_layer
+
     for target, result in zip(targets, results):
         if target.expert is None:
             solved[target.param] = result
         else:
-            solved.setdefault(target.param, [None] * num_experts)[target.expert] = result
+            experts = config.moe_config(target_layer(target)).num_experts
+            solved.setdefault(target.param, [None] * experts)[target.expert] = result
 
 
 @dataclass
@@ -373,7 +380,7 @@ def _quantize(model_path: str, out: str, options: QuantizeOptions, ray_address, 
 
     if options.method == "rtn":
         for target in all_targets(config):
-            _collect(solved, [target], [rtn(target_weight(state, target), spec)], config.moe.num_experts)
+            _collect(solved, [target], [rtn(target_weight(state, target), spec)], config)
     else:
         # Ray first: a cluster that cannot be reached leaves nothing behind
         with ray_session(ray_address, ray_cpus) as ray, ExitStack() as stack:
@@ -411,7 +418,7 @@ def _quantize(model_path: str, out: str, options: QuantizeOptions, ray_address, 
                                                options.block_size, options.percdamp, options.act_order) for t in targets]
                         stage_solved: dict = {}
                         _collect(stage_solved, targets, _gather(cluster, refs, f"block {layer_idx} stage {stage} solve",
-                                                                progress), config.moe.num_experts)
+                                                                progress), config)
                         _apply(state, stage_solved)
                         block_solved.update(stage_solved)
                     job.save_block(layer_idx, block_solved, spec)

@@ -55,6 +55,11 @@ def block_prefix(layer_idx: int) -> str:
     return f"blocks.{layer_idx}."
 
 
+def target_layer(target: Target) -> int:
+    """The block index of a target (``blocks.{l}.``...)."""
+    return int(target.param.split(".")[1])
+
+
 def stage_targets(config: ModelConfig, layer_idx: int, stage: int) -> list[Target]:
     """The targets of block ``layer_idx`` quantized in ``stage`` (1: attention and router or the
     dense FFN; 2: the experts of an MoE block, none for a dense block)."""
@@ -77,7 +82,7 @@ def stage_targets(config: ModelConfig, layer_idx: int, stage: int) -> list[Targe
         return []
     names = ("w1", "w3", "w2") if config.moe.activation == "swiglu" else ("w1", "w2")
     return [Target(prefix + f"ffn.experts.{name}", e, f"experts.{'mid' if name == 'w2' else 'in'}.{e}")
-            for e in range(config.moe.num_experts) for name in names]
+            for e in range(config.moe_config(layer_idx).num_experts) for name in names]
 
 
 def all_targets(config: ModelConfig) -> list[Target]:

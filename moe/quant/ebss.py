@@ -81,10 +81,11 @@ def _moe_layer_list(model: nn.Module, what: str) -> list:
     return layers
 
 
-def _assignment_counts(layer) -> torch.Tensor:
-    """``[T, E]`` int64: how many of its k choices each token of the layer's last forward gave each expert."""
+def _assignment_counts(layer, width: int) -> torch.Tensor:
+    """``[T, width]`` int64: how many of its k choices each token of the layer's last forward gave
+    each expert (zeros past the layer's own E when layers differ in E)."""
     indices = layer.last_routing.indices  # [T, k]
-    counts = torch.zeros(indices.shape[0], layer.num_experts, dtype=torch.int64, device=indices.device)
+    counts = torch.zeros(indices.shape[0], width, dtype=torch.int64, device=indices.device)
     return counts.scatter_add_(1, indices, torch.ones_like(indices))
 
 
@@ -108,8 +109,8 @@ class _EvalNoGrad:
 
 
 def expert_usage(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """``[L_moe, E]`` int64: how many token assignments each expert of each MoE layer (module order)
-    gets when ``model`` runs ``input_ids [B, S]`` at its current k, ``batch_size`` sequences per
+    """``[L_moe, E]`` int64 (``E`` the largest of any layer, zeros past a layer's own): how many
+    token assignments each expert of each MoE layer (module order) gets when ``model`` runs ``input_ids [B, S]`` at its current k, ``batch_size`` sequences per
     forward (eval mode, no grad). Counts are the router's choices (``k`` per token), before any
     capacity dropping."""
     if input_ids.dim() != 2:
@@ -118,39 +119,44 @@ def expert_usage(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 16
         raise ValueError(f"expert_usage: batch_size must be >= 1, got {batch_size}")
     layers = _moe_layer_list(model, "expert_usage")
     device = next(model.parameters()).device
-    total = torch.zeros(len(layers), layers[0].num_experts, dtype=torch.int64)
+    total = torch.zeros(len(layers), max(layer.num_experts for layer in layers), dtype=torch.int64)
     with _EvalNoGrad(model):
         for start in range(0, input_ids.shape[0], batch_size):
             model(input_ids[start : start + batch_size].to(device))
             for i, layer in enumerate(layers):
                 indices = layer.last_routing.indices.flatten().cpu()
-                total[i] += torch.bincount(indices, minlength=layer.num_experts)
+                total[i, : layer.num_experts] += torch.bincount(indices, minlength=layer.num_experts)
     return total
 
 
-def _sigma_rows(counts: torch.Tensor) -> torch.Tensor:
+def _sigma_rows(counts: torch.Tensor, experts_per_layer=None) -> torch.Tensor:
     """Eq. 3-4 for a batch: ``counts [..., L, E]`` -> ``[...]`` float64 mean over layers of the
-    sample standard deviation of each layer's usage frequencies (0 for an empty layer or E = 1)."""
-    num_experts = counts.shape[-1]
-    if num_experts < 2:
-        return torch.zeros(counts.shape[:-2], dtype=torch.float64, device=counts.device)
-    counts = counts.double()
+    sample standard deviation of each layer's usage frequencies (0 for an empty layer or E = 1).
+    ``experts_per_layer``: each layer's own E when layers differ (columns past it are ignored)."""
+    num_layers, width = counts.shape[-2], counts.shape[-1]
+    widths = torch.tensor(experts_per_layer if experts_per_layer is not None else [width] * num_layers,
+                          dtype=torch.float64, device=counts.device)  # [L]
+    valid = (torch.arange(width, device=counts.device) < widths.unsqueeze(1)).double()  # [L, E]
+    counts = counts.double() * valid
     usage = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)  # [..., L, E]
-    deviation = usage - usage.mean(dim=-1, keepdim=True)
-    sigma_layer = (deviation.square().sum(dim=-1) / (num_experts - 1)).sqrt()  # [..., L]
+    mean = usage.sum(dim=-1, keepdim=True) / widths.unsqueeze(1)
+    deviation = (usage - mean) * valid
+    sigma_layer = (deviation.square().sum(dim=-1) / (widths - 1).clamp_min(1)).sqrt()  # [..., L]
+    sigma_layer = torch.where(widths >= 2, sigma_layer, torch.zeros_like(sigma_layer))
     return sigma_layer.mean(dim=-1)
 
 
-def expert_balance_sigma(counts: torch.Tensor) -> float:
+def expert_balance_sigma(counts: torch.Tensor, experts_per_layer=None) -> float:
     """MoEQuant's expert-balance metric (Eq. 3-4) of usage counts ``[L, E]``: per layer the sample
     standard deviation (divisor E - 1) of the usage frequencies ``counts / counts.sum()``, averaged
-    over the layers. 0 when every expert is used equally, when a layer is empty and when E = 1."""
+    over the layers. 0 when every expert is used equally, when a layer is empty and when E = 1.
+    ``experts_per_layer``: each layer's own E when layers differ (``counts`` padded with zeros)."""
     counts = torch.as_tensor(counts)
     if counts.dim() != 2 or counts.shape[0] == 0:
         raise ValueError(f"expert_balance_sigma: counts must be [layers >= 1, experts], got shape {tuple(counts.shape)}")
     if bool((counts < 0).any()):
         raise ValueError("expert_balance_sigma: counts must be non-negative")
-    return float(_sigma_rows(counts))
+    return float(_sigma_rows(counts, experts_per_layer))
 
 
 def ebss_first_tokens(num_sequences: int, vocab_size: int, seed: int) -> torch.Tensor:
@@ -242,8 +248,10 @@ def ebss_search(
     row_offset = torch.arange(num_sequences, device=device).unsqueeze(1) * width  # [N, 1]
     inverse_tau = 0.0 if math.isinf(tau) else 1.0 / tau
 
-    def usage_of_last_forward() -> torch.Tensor:  # [rows, L, E]
-        return torch.stack([_assignment_counts(layer) for layer in layers], dim=1)
+    widths = [layer.num_experts for layer in layers]  # per layer: they may differ (PR-MoE)
+
+    def usage_of_last_forward() -> torch.Tensor:  # [rows, L, max E]
+        return torch.stack([_assignment_counts(layer, max(widths)) for layer in layers], dim=1)
 
     with _EvalNoGrad(model):
         tokens = first_tokens.to(device=device, dtype=torch.int64).repeat_interleave(width).unsqueeze(1)  # [rows, 1]
@@ -251,13 +259,13 @@ def ebss_search(
         logits = model(tokens, cache=cache)[:, -1].float()  # [rows, V]
         usage = usage_of_last_forward()  # [rows, L, E], the first token's
         log_likelihood = torch.zeros(rows, dtype=torch.float64, device=device)  # R_S
-        parent_sigma = _sigma_rows(usage)
+        parent_sigma = _sigma_rows(usage, widths)
         best_score = parent_sigma * inverse_tau
         if progress is not None:
             progress(1, seq_len)
         for length in range(1, seq_len):  # every branch has `length` tokens
             log_probs = torch.log_softmax(logits, dim=-1).double()  # [rows, V]
-            parent_sigma = _sigma_rows(usage)  # [rows]
+            parent_sigma = _sigma_rows(usage, widths)  # [rows]
             scores = (log_likelihood.unsqueeze(1) + log_probs) / -(length + 1) + (parent_sigma * inverse_tau).unsqueeze(1)
             scores = scores.view(num_sequences, width, vocab_size)
             if length == 1 and width > 1:  # the branches are one and the same token: expand only the first
@@ -349,7 +357,7 @@ def default_calibration_size(model: nn.Module) -> tuple[int, int]:
     moe_config = model.config.moe
     seq_len = min(PAPER_SEQ_LEN, model.config.max_seq_len)
     k = layers[0].active_experts
-    tokens_needed = moe_config.num_experts / k * SAMPLES_PER_HESSIAN_DIM * max(moe_config.hidden_size, moe_config.ffn_hidden_size)
+    tokens_needed = moe_config.max_experts / k * SAMPLES_PER_HESSIAN_DIM * max(moe_config.hidden_size, moe_config.ffn_hidden_size)
     num_sequences = min(PAPER_NUM_SEQUENCES, max(1, math.ceil(tokens_needed / seq_len)))
     return num_sequences, seq_len
 

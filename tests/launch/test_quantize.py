@@ -326,11 +326,12 @@ def test_compare_writes_the_table(tiny_export, tmp_path, capsys):
     assert [row["wall_s"] for row in again["rows"]] == [row["wall_s"] for row in report["rows"]]
 
 
-def test_shared_experts_are_quantized_like_a_dense_ffn(tmp_path):
+def test_shared_experts_and_a_pyramid_are_quantized(tmp_path):
     """GPTQ on the always-active shared MLP, with its own input and middle Hessians (calibration
-    hooks on shared_mlp.w1 and .w2), packed and loaded like every other linear."""
+    hooks on shared_mlp.w1 and .w2), packed and loaded like every other linear; and on blocks of
+    2 and 4 experts (PR-MoE), each packed with its own E."""
     config = moe.ModelConfig(num_layers=2, num_heads=2, max_seq_len=64, moe=moe.MoEConfig(
-        hidden_size=32, ffn_hidden_size=16, num_experts=4, top_k=2, router="random", num_shared_experts=1))
+        hidden_size=32, ffn_hidden_size=16, num_experts=[2, 4], top_k=2, router="random", num_shared_experts=1))
     torch.manual_seed(0)
     model = moe.MoETransformer(config).eval()
     moe.save_pretrained(model, tmp_path / "fp")
@@ -340,6 +341,7 @@ def test_shared_experts_are_quantized_like_a_dense_ffn(tmp_path):
     for name in ("w1", "w3", "w2"):
         assert f"blocks.1.ffn.shared_mlp.{name}.weight.qweight" in tensors
         assert f"blocks.1.ffn.shared_mlp.{name}.weight" not in tensors
+    assert tensors["blocks.0.ffn.experts.w1.qweight"].shape[0] == 2 and tensors["blocks.1.ffn.experts.w1.qweight"].shape[0] == 4
     quantized = moe.load_pretrained(tmp_path / "q", device="cpu")
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad():

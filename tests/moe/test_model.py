@@ -132,3 +132,13 @@ def test_sequence_longer_than_rotary_table_is_an_error():
     model = MoETransformer(_config())
     with pytest.raises(ValueError, match="exceeds max_seq_len 32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_rotary_angles_stay_fp32_in_a_bf16_model_and_compiled_rotary_gives_the_same_bits():
+    model = MoETransformer(_config()).to(torch.bfloat16)
+    assert model.rotary.dtype == torch.float32
+    assert model(torch.randint(0, 64, (1, 6))).dtype == torch.bfloat16
+    table = rotary_table(8, 16, 10000.0)
+    x = torch.randn(2, 3, 16, 8)
+    compiled = torch.compile(apply_rotary, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, table), apply_rotary(x, table))

@@ -439,3 +439,14 @@ def test_megatron_alltoall_layer_and_block_on_gpu():
         smoe.update_expert_biases(block)
     assert torch.isfinite(h.grad).all()
     assert all(r.active_experts == E for r in smoe.megatron_routers(block))
+
+
+def test_designs_megatron_cannot_hold_are_one_clear_error():
+    from moe.errors import UserError
+
+    with pytest.raises(UserError, match="one count per block"):
+        smoe.megatron_config_fields(MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=[2, 4], top_k=2,
+                                              router="random"))
+    with pytest.raises(UserError, match="shared"):
+        smoe.megatron_config_fields(MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=4, top_k=2,
+                                              router="random", num_shared_experts=1))
