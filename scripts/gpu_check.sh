@@ -18,7 +18,7 @@
 #        tiny-train     moe train configs/tiny.yaml on 1 GPU, then on its export:
 #        tiny-export, tiny-eval, tiny-slim, tiny-generate
 #        example-train  configs/gpu_example.yaml cut to 60 steps, 8 layers, seq 1024 (tokens/s, MFU)
-#      and, only when GPU_CHECK_STEPS names it, the "perf" group (issue 17's benchmarks; ~9 minutes):
+#      and, only when GPU_CHECK_STEPS names it, the "perf" group (issue 17's benchmarks; ~8 minutes):
 #        bench-layer    moe bench layer (the MoE layer vs deepspeed.moe vs the dense MLP, bf16)
 #        bench-step     moe bench step (MoE vs dense-equivalent training step, eager and compiled;
 #                       moe train vs a plain loop)
@@ -43,10 +43,10 @@
 #   GPU_CHECK_LIMIT_TINY_EXPORT=25 GPU_CHECK_LIMIT_TINY_EVAL=30 GPU_CHECK_LIMIT_TINY_SLIM=45
 #   GPU_CHECK_LIMIT_TINY_GENERATE=25 GPU_CHECK_LIMIT_EXAMPLE_TRAIN=120     (seconds)
 #   GPU_CHECK_STEPS=pytest,bench,tiny,example   which groups run, in this order (also: perf);
-#                                a session with 30 device minutes runs the default minus bench, then
-#                                GPU_CHECK_STEPS=bench,perf
-#   GPU_CHECK_LIMIT_BENCH_LAYER=150 GPU_CHECK_LIMIT_BENCH_STEP=200 GPU_CHECK_LIMIT_DECODE_TINY=90
-#   GPU_CHECK_LIMIT_DECODE_EXAMPLE=90    (seconds, the perf group)
+#                                with 30 device minutes and 10 per call, a session runs three calls:
+#                                GPU_CHECK_STEPS=pytest,bench,tiny, then perf, then example
+#   GPU_CHECK_LIMIT_BENCH_LAYER=150 GPU_CHECK_LIMIT_BENCH_STEP=240 GPU_CHECK_LIMIT_DECODE_TINY=60
+#   GPU_CHECK_LIMIT_DECODE_EXAMPLE=60    (seconds, the perf group)
 #   GPU_CHECK_PYTEST_ARGS, GPU_CHECK_BENCH_ARGS, GPU_CHECK_TINY_ARGS, GPU_CHECK_EXAMPLE_ARGS
 #                                extra arguments of pytest, moe bench kernels and the two moe train runs
 #                                (word-split), e.g. GPU_CHECK_TINY_ARGS="--set train.steps=100"
@@ -261,11 +261,11 @@ for group in "${groups[@]}"; do
         ;;
     perf)
         run_step bench-layer 150 -- "${MOE[@]}" bench layer --json "$RUN/bench-layer.json"
-        run_step bench-step 200 -- "${MOE[@]}" bench step --json "$RUN/bench-step.json" \
+        run_step bench-step 240 -- "${MOE[@]}" bench step --json "$RUN/bench-step.json" \
             --set "data.cache_dir=$CACHE" --set "out_dir=$RUN/bench-step"
-        run_step decode-tiny 90 -- "${MOE[@]}" bench decode --config configs/tiny.yaml --batch 8 --compile \
+        run_step decode-tiny 60 -- "${MOE[@]}" bench decode --config configs/tiny.yaml --batch 8 --compile \
             --json "$RUN/bench-decode-tiny.json"
-        run_step decode-example 90 -- "${MOE[@]}" bench decode --config configs/gpu_example.yaml --batch 1 \
+        run_step decode-example 60 -- "${MOE[@]}" bench decode --config configs/gpu_example.yaml --batch 1 \
             --k 1,64 --set model.num_layers=8 --json "$RUN/bench-decode-example.json"
         ;;
     *)
