@@ -41,6 +41,7 @@ COMMANDS = {
     "slim": ("launch.slim", "quality, speed and cost of one model at every k"),
     "quantize": ("launch.quantize", "GPTQ / RTN weight quantization with EBSS and AGQ, over Ray"),
     "experiment": ("launch.experiments", "train, evaluate and tabulate an experiment (slimming, balancing)"),
+    "upcycle": ("launch.upcycle", "turn a trained dense model into an MoE whose experts start from its FFNs"),
     "config": ("launch.inspect_config", "validate a run config and print its model's parameter counts"),
     "demo": ("launch.demo", "train one MoE layer on a synthetic skewed stream and print routing statistics"),
     "bench": ("launch.bench", "benchmarks (printed tables, measured in one run)"),
