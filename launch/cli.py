@@ -1,7 +1,7 @@
 """The ``moe`` command line.
 
     moe train --config CONFIG [--nproc N] [--resume] [--set k=v]
-                                             train a MoE language model (wraps the deepspeed launcher)
+                                             train a MoE language model (deepspeed launcher or Ray Train)
     moe eval --model PATH [--k K]            validation loss, perplexity, MaxVio and tokens/s
     moe export CHECKPOINT OUT                a checkpoint as safetensors + JSON config
     moe generate --model PATH --prompt TEXT [--experts K|auto]
@@ -34,7 +34,7 @@ import sys
 # name -> (module whose add_parser defines the command, the line `moe --help` shows). `moe --help`
 # imports none of them (no torch: it answers at once); `moe NAME ...` imports NAME's module alone.
 COMMANDS = {
-    "train": ("launch.train", "train a MoE language model (wraps the deepspeed launcher)"),
+    "train": ("launch.train", "train a MoE language model (deepspeed launcher or Ray Train)"),
     "eval": ("launch.evaluate", "validation loss, perplexity, MaxVio and tokens/s of a model"),
     "export": ("launch.export", "write a checkpoint's model as safetensors + JSON config"),
     "generate": ("launch.generate", "generate text at a chosen number of active experts"),

@@ -119,6 +119,11 @@ class TrainConfig:
     """torch.compile each transformer block (``moe.compile_blocks``) before the DeepSpeed engine is
     built: one graph per block, reused by every layer; parameter names and checkpoints unchanged."""
 
+    init: Optional[str] = None
+    """An exported model (``moe export``, ``moe upcycle``) whose weights a fresh run starts from;
+    its model section replaces the config's (``--set model...`` still applies on top). A resumed
+    run continues its checkpoint instead. ``moe train --init PATH`` sets it."""
+
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "eval_batches", "save_every"):
             check_int("train", name, getattr(self, name))
@@ -128,6 +133,8 @@ class TrainConfig:
         check_int("train", "keep_checkpoints", self.keep_checkpoints, minimum=0)
         check_choice("train", "precision", self.precision, ("auto", "fp32", "bf16"))
         check_bool("train", "compile", self.compile)
+        if self.init is not None and not isinstance(self.init, str):
+            fail("train", "init", self.init, "expected the path of an exported model, or null")
         check_number("train", "lr", self.lr, strict=True)
         check_number("train", "min_lr_ratio", self.min_lr_ratio)
         check_number("train", "weight_decay", self.weight_decay)
@@ -246,6 +253,31 @@ def apply_override(values: dict, assignment: str) -> None:
     node[keys[-1]] = _parse_yaml(raw) if raw.strip() else None
 
 
+def _model_from_init(values: dict, overrides: Sequence[str]) -> None:
+    """With ``train.init`` set: the path made absolute, and the model section taken from that
+    export's config (then the ``model.`` overrides again, so they still win)."""
+    from moe.files import read_json
+
+    train = values.get("train")
+    init = train.get("init") if isinstance(train, dict) else None
+    if init is None:
+        return
+    if not isinstance(init, str):
+        raise UserError(f"train.init={init!r} is invalid: expected the path of an exported model")
+    folder = Path(init).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise UserError(f"train.init={init!r}: {str(folder)!r} holds no exported model (config.json); give the "
+                        "folder `moe export` or `moe upcycle` wrote")
+    meta = read_json(folder / "config.json", what="exported model's config")
+    if not isinstance(meta.get("model"), dict):
+        raise UserError(f"train.init: {str(folder / 'config.json')!r} has no \"model\" section")
+    train["init"] = str(folder)
+    values["model"] = dict(meta["model"])
+    for assignment in overrides:
+        if assignment.split("=", 1)[0].strip().startswith("model."):
+            apply_override(values, assignment)
+
+
 def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML run config, apply ``--set`` overrides, validate everything."""
     path = Path(path)
@@ -259,6 +291,7 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfi
         raise UserError(f"{path}: expected a mapping at the top level")
     for assignment in overrides:
         apply_override(values, assignment)
+    _model_from_init(values, overrides)
     for dotted in REQUIRED_KEYS:
         node = values
         for key in dotted.split("."):

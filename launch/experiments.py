@@ -1,5 +1,5 @@
-"""``moe experiment {slimming,balancing}``: train the runs an experiment compares, evaluate them,
-and write the results table. Every figure in the table is computed by this command.
+"""``moe experiment {slimming,balancing,designs}``: train the runs an experiment compares, evaluate
+them, and write the results table. Every figure in the table is computed by this command.
 
 slimming   SMoE-Dropout (``configs/tiny.yaml``: fixed random router, k growing 2 -> 8) against a
            learned-router SMoE trained at a fixed k = 2 (``configs/learned_aux.yaml``), with the same
@@ -10,6 +10,14 @@ balancing  learned router + auxiliary loss, learned router + bias balancing (Dee
            router + bias balancing, all at k = 2: MaxVio over the validation set (load summed over
            all of it) and validation loss. DeepSeek reports MaxVio 0.72 -> 0.04 at equal or better
            perplexity when replacing the auxiliary loss by the bias.
+
+designs    the MoE designs of the papers at equal active parameters per token (about 0.69M of tiny's
+           1.9M) and equal training steps: the baseline (learned top-2 router, sigmoid, bias balancing:
+           ``configs/learned_bias.yaml``), shared experts (DeepSeekMoE: 16 experts of width 64, k = 3,
+           plus one shared), Residual-MoE (one dense MLP + one routed expert), a PR-MoE pyramid (4, 4,
+           8, 8 experts) and an upcycled model (``configs/tiny_dense.yaml`` trained for half the steps,
+           ``moe upcycle`` into 8 experts of half its FFN width at k = 2, trained the other half with
+           ``moe train --init``). Validation loss, perplexity, MaxVio and total/active parameters.
 
 Each run trains under the deepspeed launcher (``--nproc`` ranks) into ``OUT/<run>`` and is exported
 to ``OUT/<run>/export``; a run whose export exists is not trained again, so an interrupted
@@ -39,7 +47,14 @@ EXPERIMENTS = {
     "slimming": [("smoe_dropout", "configs/tiny.yaml"), ("learned_k2", "configs/learned_aux.yaml")],
     "balancing": [("learned_aux_loss", "configs/learned_aux.yaml"), ("learned_bias", "configs/learned_bias.yaml"),
                   ("random_bias", "configs/exp_random_bias_k2.yaml")],
+    "designs": [("baseline", "configs/learned_bias.yaml"), ("shared_experts", "configs/tiny_shared.yaml"),
+                ("residual_moe", "configs/tiny_residual.yaml"), ("pr_moe", "configs/tiny_pyramid.yaml"),
+                ("upcycled", "configs/tiny_dense.yaml")],
 }
+UPCYCLE = {"experts": 8, "granularity": 2, "top_k": 2, "router": "learned", "noise": 0.01,
+           "changes": {"balance": "bias", "score_function": "sigmoid"}}
+"""How the designs experiment's upcycled run turns its dense half into an MoE: 8 experts, each half
+of the dense FFN (so k = 2 keeps the active parameters), the baseline's routing."""
 
 GPU_SCALE = [
     "model.num_layers=12", "model.num_heads=12", "model.max_seq_len=1024", "model.moe.hidden_size=768",
@@ -73,7 +88,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _train_and_export(label: str, config: str, out: Path, nproc: int, overrides: list[str]) -> Path:
+def _train_and_export(label: str, config: str, out: Path, nproc: int, overrides: list[str],
+                      init: Path | None = None) -> Path:
     run_dir, export = out / label, out / label / "export"
     if (export / "config.json").is_file():
         print(f"== {label}: exported model found in {export}; not training again")
@@ -81,6 +97,8 @@ def _train_and_export(label: str, config: str, out: Path, nproc: int, overrides:
     print(f"== {label}: training {config} on {nproc} rank(s) -> {run_dir}", flush=True)
     command = [sys.executable, "-m", "launch.cli", "train", "--config", str(REPO / config), "--nproc", str(nproc),
                "--set", f"out_dir={run_dir}"]
+    if init is not None:
+        command += ["--init", str(init)]
     for assignment in overrides:
         command += ["--set", assignment]
     if (run_dir / "checkpoints" / "latest").is_file():
@@ -108,6 +126,44 @@ def slimming_rows(exports: dict[str, Path], batches: int) -> list[dict]:
     return rows
 
 
+def _upcycled_run(out: Path, nproc: int, overrides: list[str]) -> Path:
+    """The designs experiment's upcycled run: the dense config for half the steps, ``moe upcycle``,
+    then the MoE for the other half from it (``moe train --init``)."""
+    from launch.config import load_run_config
+    from launch.evaluate import load_model_for_eval
+    from moe import save_pretrained
+    from moe.upcycle import upcycle
+
+    steps = load_run_config(REPO / "configs/tiny_dense.yaml", overrides).train.steps
+    half = [*overrides, f"train.steps={max(1, steps // 2)}"]
+    dense = _train_and_export("upcycled_dense_half", "configs/tiny_dense.yaml", out, nproc, half)
+    start = out / "upcycled_start"
+    if not (start / "config.json").is_file():
+        model, trained_on = load_model_for_eval(str(dense), "cpu")
+        moe_model = upcycle(model, UPCYCLE["experts"], UPCYCLE["granularity"], UPCYCLE["router"], UPCYCLE["top_k"],
+                            UPCYCLE["noise"], **UPCYCLE["changes"])
+        save_pretrained(moe_model, start, metadata={"data": trained_on, "source": {"upcycled_from": str(dense)}})
+    rest = [*overrides, f"train.steps={max(1, steps - steps // 2)}"]
+    return _train_and_export("upcycled", "configs/tiny_dense.yaml", out, nproc, rest, init=start)
+
+
+def designs_rows(exports: dict[str, Path], batches: int) -> list[dict]:
+    from launch.evaluate import evaluate_path
+    from moe import load_pretrained
+
+    rows = []
+    for label, export in exports.items():
+        model = load_pretrained(export, device="cpu")
+        ks = [layer.active_experts for layer in model.modules() if hasattr(layer, "active_experts")]
+        result = evaluate_path(str(export), batches=batches)  # at the k each run was trained to
+        rows.append({"run": label, "experts": str(model.config.moe.num_experts), "k": str(sorted(set(ks))),
+                     "shared": model.config.moe.num_shared_experts, "val_loss": result["loss"],
+                     "perplexity": result["perplexity"], "max_vio": result["max_vio"],
+                     "parameters": model.num_parameters(),
+                     "active_parameters": model.num_parameters(active_k=max(ks))})
+    return rows
+
+
 def balancing_rows(exports: dict[str, Path], batches: int) -> list[dict]:
     from launch.evaluate import evaluate_path
 
@@ -132,9 +188,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--nproc and --batches must be >= 1, got {args.nproc} and {args.batches}")
     out = Path(args.out or f"runs/exp_{args.name}")
     out.mkdir(parents=True, exist_ok=True)
-    exports = {label: _train_and_export(label, config, out, args.nproc, run_overrides(label, args.scale, args.overrides))
-               for label, config in EXPERIMENTS[args.name]}
-    rows = (slimming_rows if args.name == "slimming" else balancing_rows)(exports, args.batches)
+    exports = {}
+    for label, config in EXPERIMENTS[args.name]:
+        overrides = run_overrides(label, args.scale, args.overrides)
+        if label == "upcycled":
+            exports[label] = _upcycled_run(out, args.nproc, overrides)
+        else:
+            exports[label] = _train_and_export(label, config, out, args.nproc, overrides)
+    rows = {"slimming": slimming_rows, "balancing": balancing_rows, "designs": designs_rows}[args.name](
+        exports, args.batches)
     table = markdown(rows)
     (out / "results.md").write_text(f"# Experiment: {args.name}\n\n{table}\n\nRuns: "
                                     + ", ".join(f"{label} = {config}" for label, config in EXPERIMENTS[args.name])

@@ -41,16 +41,26 @@ def init_distributed() -> tuple[int, int]:
     world size). NCCL on GPU, gloo on CPU. Under the ``deepspeed`` launcher or torchrun the
     environment names the group; without one this process is rank 0 of 1.
 
-    The group is destroyed when the process exits (an ``atexit`` hook): a gloo group left for the
-    C++ static destructors makes a rank abort now and then after its work is done ("terminate
-    called without an active exception", exit -6), and the launcher then fails the whole job."""
+    A group that already exists (Ray Train's workers get one before the job starts) is adopted:
+    DeepSpeed's communication layer wraps it, its backend is kept, and ``RANK`` / ``WORLD_SIZE``
+    (which the job and DeepSpeed read) must agree with it (``LOCAL_RANK`` and
+    ``LOCAL_WORLD_SIZE`` are filled in as a single machine's when missing). Whoever made it also
+    destroys it.
+
+    A group made here is destroyed when the process exits (an ``atexit`` hook): a gloo group left
+    for the C++ static destructors makes a rank abort now and then after its work is done
+    ("terminate called without an active exception", exit -6), and the launcher then fails the
+    whole job."""
     if device_type() == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     normalize_cuda_arch_list()
     import deepspeed
 
     skip_shm_allreduce()
-    if not dist.is_initialized() and "RANK" not in os.environ:  # a plain `python -m launch.train`: a group of one
+    adopted = dist.is_initialized()
+    if adopted:
+        _environment_of_existing_group()
+    elif "RANK" not in os.environ:  # a plain `python -m launch.train`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -58,10 +68,28 @@ def init_distributed() -> tuple[int, int]:
         # before the group exists: NCCL's communicator (and any collective made before a rank picks
         # its GPU) would otherwise sit on GPU 0 for every rank of the machine
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if not dist.is_initialized():
+    if adopted:
+        # DeepSpeed's comm layer wraps the torch group as it is (no second init_process_group)
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    else:
         deepspeed.init_distributed(dist_backend="nccl" if device_type() == "cuda" else "gloo", auto_mpi_discovery=False)
         atexit.register(_destroy_process_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _environment_of_existing_group(environ=os.environ) -> None:
+    """Make the rank variables agree with the process group that exists: set the missing ones,
+    refuse ones that contradict it (a rank reading another rank's files would corrupt checkpoints)."""
+    actual = {"RANK": dist.get_rank(), "WORLD_SIZE": dist.get_world_size()}
+    for name, value in actual.items():
+        if name not in environ:
+            environ[name] = str(value)
+        elif int(environ[name]) != value:
+            raise RuntimeError(f"{name}={environ[name]} in the environment, but this process is {name.lower()} "
+                               f"{value} of the process group that already exists")
+    if "LOCAL_RANK" not in environ:  # no launcher said otherwise: every rank on this machine
+        environ["LOCAL_RANK"], environ["LOCAL_WORLD_SIZE"] = environ["RANK"], environ["WORLD_SIZE"]
+    environ.setdefault("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])
 
 
 def _destroy_process_group() -> None:
@@ -141,8 +169,9 @@ def deepspeed_config(section: dict, train: Any, world_size: int) -> dict:
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": train.steps,
-                "warmup_num_steps": train.warmup_steps,
-                "warmup_min_ratio": 0.0,
+                # DeepSpeed refuses 0 warmup steps: warmup_steps 0 is one step already at the full rate
+                "warmup_num_steps": max(1, train.warmup_steps),
+                "warmup_min_ratio": 0.0 if train.warmup_steps else 1.0,
                 "warmup_type": "linear",
                 "cos_min_ratio": train.min_lr_ratio,
             },

@@ -46,3 +46,35 @@ def test_a_model_that_is_not_dense_or_an_occupied_out_is_one_clear_error(tmp_pat
     (tmp_path / "o2" / "config.json").write_text("{}")
     assert main(["upcycle", "--dense", str(tmp_path / "dense"), "--out", str(tmp_path / "o2"), "--experts", "2"]) == 2
     assert "already holds an exported model" in capsys.readouterr().err
+
+
+def test_moe_train_init_starts_from_the_export_with_its_model_section(tmp_path, cache):
+    """`moe train --init` on the upcycled export: the run's model is the export's (with a --set on
+    top), and one step at a negligible learning rate leaves the export's weights in place."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from launch.export import export_checkpoint
+
+    _dense_export(tmp_path / "dense")
+    assert main(["upcycle", "--dense", str(tmp_path / "dense"), "--out", str(tmp_path / "moe"), "--experts", "4"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny.yaml", "--init", str(tmp_path / "moe"), "--nproc", "1",
+                 "--set", f"out_dir={run}", "--set", f"data.cache_dir={cache}", "--set", "train.steps=1",
+                 "--set", "train.lr=1e-12", "--set", "train.warmup_steps=0", "--set", "train.eval_every=0",
+                 "--set", "train.weight_decay=0", "--set", "train.seq_len=32", "--set", "model.moe.top_k=2"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["moe"]["num_experts"] == 4 and saved["model"]["moe"]["hidden_size"] == 16
+    assert saved["model"]["moe"]["top_k"] == 2  # the --set on top of the export's model section
+    assert saved["train"]["init"] == str((tmp_path / "moe").resolve())
+    trained = load_file(str(export_checkpoint(str(run / "checkpoints"), str(tmp_path / "after")) / "model.safetensors"))
+    start = load_file(str(tmp_path / "moe" / "model.safetensors"))
+    for name in ("blocks.0.ffn.experts.w1", "blocks.1.attn.qkv.weight", "embed.weight"):
+        torch.testing.assert_close(trained[name], start[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_an_init_that_is_not_an_export_is_one_clear_error(tmp_path, capsys):
+    assert main(["train", "--config", "configs/tiny.yaml", "--init", str(tmp_path / "nothing"),
+                 "--set", f"out_dir={tmp_path / 'run'}"]) == 2
+    assert "holds no exported model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -77,6 +77,7 @@ def test_capacity_mode_drops_per_rank(layer_results):
 # ----------------------------------------------------------------------------- training
 
 STEPS, HALF = 12, 6
+PYRAMID = "model.moe.num_experts=[4, 4, 8, 8]"
 COMMON = [
     f"train.steps={STEPS}", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0",
     f"train.save_every={HALF}", "train.keep_checkpoints=0", f"model.moe.k_schedule_steps={STEPS}",
@@ -111,6 +112,12 @@ def runs(tmp_path_factory, cache) -> dict[str, Path]:
     shutil.copytree(paths["ep2_then_ep2"], paths["ep2_then_ep1"])
     _run(paths["ep2_then_ep2"], cache, 2, 2, "--resume")
     _run(paths["ep2_then_ep1"], cache, 1, 2, "--resume")
+    # a PR-MoE pyramid (4, 4, 8, 8 experts): EP=1 throughout, and EP=2 (ZeRO-2) resumed at EP=1
+    paths["pyramid_ep1"] = root / "pyramid_ep1"
+    _run(paths["pyramid_ep1"], cache, 1, 1, "--set", PYRAMID)
+    paths["pyramid_ep2_then_ep1"] = root / "pyramid_ep2_then_ep1"
+    _run(paths["pyramid_ep2_then_ep1"], cache, 2, 2, "--set", PYRAMID, "--until-step", str(HALF))
+    _run(paths["pyramid_ep2_then_ep1"], cache, 1, 2, "--set", PYRAMID, "--resume")
     return paths
 
 
@@ -120,6 +127,19 @@ def test_loss_curve_matches_ep1(runs, name):
     assert len(reference) == len(ours) == STEPS
     assert reference[-1] < reference[0] - 0.5  # it trains
     assert ours == pytest.approx(reference, rel=1e-5, abs=1e-6)
+
+
+def test_a_pyramid_trains_at_ep2_and_resumes_at_ep1_with_the_ep1_losses(runs):
+    reference, ours = _losses(runs["pyramid_ep1"]), _losses(runs["pyramid_ep2_then_ep1"])
+    assert len(reference) == len(ours) == STEPS
+    assert ours == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    last = records(runs["pyramid_ep1"], "train")[-1]
+    assert "load/blocks.0.ffn/expert_003" in last and "load/blocks.0.ffn/expert_004" not in last  # 4 experts
+    assert "load/blocks.3.ffn/expert_007" in last
+    # each rank's shard holds its slice of every layer: 2 of the 4-expert layers, 4 of the 8-expert ones
+    shard = runs["pyramid_ep2_then_ep1"] / "checkpoints" / f"step{HALF:08d}" / "model.experts-00002-00004.safetensors"
+    tensors = load_file(str(shard))
+    assert tensors["blocks.0.ffn.experts.w1"].shape[0] == 2 and tensors["blocks.3.ffn.experts.w1"].shape[0] == 4
 
 
 def test_ep2_logs_exchange_volume_and_per_rank_load(runs):

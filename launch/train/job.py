@@ -1,9 +1,8 @@
-"""The training job: a MoE language model trained by a DeepSpeed engine on every rank.
+"""The per-rank training job: a MoE language model trained by a DeepSpeed engine on this rank.
 
-    deepspeed --num_gpus N --module launch.train --config configs/tiny.yaml [--set k=v] [--resume]
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module launch.train --config configs/tiny.yaml
-    python -m launch.train --config configs/tiny.yaml          # one process, no launcher
-    moe train --config configs/tiny.yaml [--nproc N]           # wraps the deepspeed launcher
+Every way of starting ranks runs :func:`train` on each of them: ``python -m launch.train`` (one
+process), the deepspeed launcher (``--module launch.train``, see :mod:`launch.train.launcher`) and
+Ray Train's workers (:mod:`launch.train.ray`).
 
 Each optimizer step: the k schedule moves to the step's k, every micro-batch's loss gets the MoE
 auxiliary losses added, DeepSpeed steps (AdamW, warmup + cosine LR, clipping, ZeRO), and then the
@@ -17,100 +16,27 @@ interrupted half-way never replaces the last complete one.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import signal
-import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from launch.config import RunConfig, load_run_config
+from launch.config import RunConfig
 from moe.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config field (repeatable)")
-    parser.add_argument("--data", default=None, metavar="PATH",
-                        help="train on .txt/.jsonl files (a file or a folder) instead of the config's data.path")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest intact checkpoint in out_dir/checkpoints")
-    parser.add_argument("--resume-from", default=None, metavar="TAG",
-                        help="continue from this checkpoint (e.g. step00000200) of out_dir/checkpoints")
-    parser.add_argument("--until-step", type=int, default=None, metavar="N",
-                        help="stop after step N with a checkpoint (the schedules still run to train.steps); "
-                             "continue later with --resume")
-
-
-def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("train", help="train a MoE language model (wraps the deepspeed launcher)")
-    _common_arguments(parser)
-    parser.add_argument("--nproc", type=int, default=None,
-                        help="ranks on this machine (default: the number of GPUs, or 1 without one); "
-                             "more than 1 starts them with the deepspeed launcher")
-    parser.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
-    parser.add_argument("--stop-timeout", type=float, default=300.0, metavar="S",
-                        help="after SIGINT/SIGTERM, seconds the ranks get to save and stop before they are "
-                             "terminated (default 300); a second signal terminates them at once")
-    parser.set_defaults(func=run_cli)
-
-
-def _overrides(args: argparse.Namespace) -> list[str]:
-    if args.data is None:
-        return list(args.overrides)
-    return [*args.overrides, f"data.path={json.dumps(str(Path(args.data).expanduser().resolve()))}"]
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``moe train``: check everything a user can get wrong here, once, before any rank starts or
-    anything is written; take the run folder's lock; then train in this process (one rank) or start
-    ``nproc`` ranks with the deepspeed launcher and stay with them (signals are forwarded; see
-    :func:`_run_launcher`)."""
-    from launch.joblock import JobLock
-
-    cfg = absolute_paths(load_run_config(args.config, _overrides(args)))
-    resume = args.resume or args.resume_from is not None
-    _end_step(cfg, args.until_step)
-    nproc = args.nproc if args.nproc is not None else max(1, torch.cuda.device_count())
-    if nproc < 1:
-        raise UserError(f"--nproc must be >= 1, got {nproc}")
-    if nproc % cfg.parallel.expert_parallel_size:
-        raise UserError(
-            f"parallel.expert_parallel_size={cfg.parallel.expert_parallel_size} is invalid: it must divide the "
-            f"number of ranks (--nproc {nproc})"
-        )
-    chosen = check_out_dir(cfg, resume, args.resume_from, log=_stderr)  # reads only: a refused run writes nothing
-    from launch.data import check_training_data, prepare_corpus
-
-    splits = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)  # once, before any rank starts
-    t = cfg.train
-    check_training_data(splits, t.seq_len, t.micro_batch_size, nproc, t.eval_batches if t.eval_every else 0)
-    with JobLock(cfg.out_dir) as lock:
-        if lock.previous:
-            _stderr(f"out_dir {cfg.out_dir}: the job that last held it (pid {lock.previous.get('pid')}) ended "
-                    "without releasing it; taking it over")
-        # again, now that no other job can write: the same checkpoint, its sizes (it was just hashed)
-        tag = check_out_dir(cfg, resume, chosen, checksums=False, log=lambda line: None)
-        if nproc == 1 and args.master_port is None:
-            return train(cfg, resume_from=tag, until_step=args.until_step, lock_held=True)
-        return _run_launcher(args, cfg, nproc, tag)
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -126,139 +52,6 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def _run_launcher(args: argparse.Namespace, cfg: RunConfig, nproc: int, tag: Optional[str]) -> int:
-    """Start ``nproc`` ranks under the deepspeed launcher in a process group of their own, and stay
-    with them until they exit.
-
-    SIGINT or SIGTERM to this process goes to the ranks (which save a checkpoint at the end of the
-    step and stop); this process then waits up to ``--stop-timeout`` seconds and exits 128 +
-    signal. Ranks still running then, or after a second signal, are terminated (SIGTERM, then
-    SIGKILL). Whatever way the launcher ends, nothing of its process group outlives this process
-    (unless this process itself is killed by SIGKILL, which it cannot see)."""
-    from launch.joblock import HOLDER_ENV
-    from parallel.engine import free_port
-
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(args.master_port or free_port()), "--module", "launch.train",
-               "--config", str(args.config)]
-    for assignment in _overrides(args):
-        command += ["--set", assignment]
-    if tag is not None:
-        command += ["--resume-from", tag]  # already verified here: the ranks check sizes only
-    if args.until_step is not None:
-        command += ["--until-step", str(args.until_step)]
-    env = dict(os.environ, **{HOLDER_ENV: str(os.getpid())})
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    # Its own session: a terminal's Ctrl-C reaches this process alone, which decides what the ranks get.
-    process = subprocess.Popen(command, env=env, start_new_session=True)
-    group = process.pid
-    stops: list[int] = []
-    deadline = [None]
-
-    def on_signal(signum, frame) -> None:
-        if stops:  # a second signal: no more waiting
-            _stderr(f"moe train: {signal.Signals(signum).name} again: terminating the ranks")
-            deadline[0] = time.monotonic()
-            return
-        stops.append(signum)
-        deadline[0] = time.monotonic() + args.stop_timeout
-        ranks = _rank_processes(process.pid)
-        _stderr(f"moe train: {signal.Signals(signum).name}: the ranks save a checkpoint at the end of this step and "
-                f"stop (up to {args.stop_timeout:g} s; a second signal terminates them now)")
-        if ranks:
-            for rank in ranks:
-                _send(rank, signum)
-        else:  # still starting: there is nothing to save yet
-            _signal_group(group, signal.SIGTERM)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while True:
-            try:
-                code = process.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                if deadline[0] is not None and time.monotonic() >= deadline[0]:
-                    _stderr("moe train: the ranks did not stop in time; terminating them")
-                    _terminate_group(group)
-                    deadline[0] = None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if process.poll() is None:
-            _terminate_group(group)
-            process.wait()
-        _terminate_group(group)  # ranks the launcher left behind, if any
-    return 128 + stops[0] if stops else code
-
-
-def _rank_processes(launcher_pid: int) -> list:
-    """The rank processes under the launcher: its descendants that the deepspeed launcher gave a
-    ``LOCAL_RANK``."""
-    import psutil
-
-    try:
-        descendants = psutil.Process(launcher_pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    ranks = []
-    for proc in descendants:
-        try:
-            if "LOCAL_RANK" in proc.environ():
-                ranks.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return ranks
-
-
-def _send(proc, signum: int) -> None:
-    import psutil
-
-    try:
-        proc.send_signal(signum)
-    except psutil.NoSuchProcess:
-        pass
-
-
-def _signal_group(group: int, signum: int) -> bool:
-    """Signal every process of a process group; False when none is left."""
-    try:
-        os.killpg(group, signum)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def _terminate_group(group: int, grace: float = 10.0) -> None:
-    """SIGTERM to the process group, SIGKILL to whatever is left after ``grace`` seconds."""
-    if not _signal_group(group, signal.SIGTERM):
-        return
-    end = time.monotonic() + grace
-    while time.monotonic() < end:
-        if not _signal_group(group, 0):
-            return
-        time.sleep(0.1)
-    _signal_group(group, signal.SIGKILL)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of one rank (``python -m launch.train`` or under the deepspeed launcher)."""
-    parser = argparse.ArgumentParser(prog="launch.train", description=__doc__.split("\n\n")[0])
-    _common_arguments(parser)
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher adds it
-    args = parser.parse_args(argv)
-    try:
-        cfg = absolute_paths(load_run_config(args.config, _overrides(args)))
-        return train(cfg, resume=args.resume, until_step=args.until_step, resume_from=args.resume_from)
-    except UserError as err:  # anything else keeps its traceback
-        print(f"launch.train: error: {err}", file=sys.stderr)
-        return 2
-
-
-# ----------------------------------------------------------------------------- the job
 
 
 def check_out_dir(cfg: RunConfig, resume: bool, resume_from: Optional[str] = None, checksums: bool = True,
@@ -294,6 +87,19 @@ def check_out_dir(cfg: RunConfig, resume: bool, resume_from: Optional[str] = Non
     return None
 
 
+def check_checkpoint_folder(cfg: RunConfig, folder: Path, checksums: bool = True) -> tuple[Path, str]:
+    """(root, tag) of the checkpoint in ``folder`` (any folder holding one checkpoint, e.g. a copy
+    published outside out_dir), after checking that it is complete, intact (sizes, and with
+    ``checksums`` every file's SHA-256) and of this config's model shape; else a :class:`UserError`."""
+    from parallel.checkpoint import check_same_model, find_checkpoint, read_run_config
+
+    folder = Path(folder)
+    root, tag = folder.parent, folder.name
+    find_checkpoint(root, tag, checksums)
+    check_same_model(read_run_config(root, tag)["model"], cfg.model.to_dict(), f"checkpoint {str(folder)!r}")
+    return root, tag
+
+
 def _end_step(cfg: RunConfig, until_step: Optional[int]) -> int:
     if until_step is None:
         return cfg.train.steps
@@ -303,11 +109,16 @@ def _end_step(cfg: RunConfig, until_step: Optional[int]) -> int:
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM set a flag that the ranks agree on at the end of each step."""
+    """SIGINT/SIGTERM set a flag that the ranks agree on at the end of each step.
+
+    Only a job on its process's main thread listens: Ray Train runs the job on a thread of its
+    worker, where the flag stays down (stopping a Ray run is the driver's business)."""
 
     def __init__(self):
         self.signum = 0
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame) -> None:
         self.signum = self.signum or signum
@@ -388,7 +199,8 @@ def _set_cpu_threads() -> None:
 
 
 def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None, resume_from: Optional[str] = None,
-          lock_held: bool = False) -> int:
+          lock_held: bool = False, resume_source: Optional[Path] = None,
+          after_save: Optional[Callable[[int, Path], None]] = None) -> int:
     """Run (or resume) the job described by ``cfg`` on this rank; returns the exit status (0 when
     all steps, or those up to ``until_step``, ran; 128 + signal number when stopped by SIGINT or
     SIGTERM after saving).
@@ -396,7 +208,12 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
     ``resume`` continues the newest intact checkpoint (each file checked against the checkpoint's
     manifest, a corrupted checkpoint skipped for the one before it); ``resume_from`` continues that
     tag, whose files ``moe train`` has already checked (only their sizes are checked again here).
-    Rank 0 holds the run folder's lock unless ``lock_held`` or ``moe train`` holds it for the ranks."""
+    ``resume_source`` continues the checkpoint in that folder instead, wherever it is (Ray Train's
+    published copy after a restart: :mod:`launch.train.ray`); it is checked like ``resume``'s.
+    Rank 0 holds the run folder's lock unless ``lock_held`` or ``moe train`` holds it for the ranks.
+
+    ``after_save(step, folder)`` is called on every rank after each complete checkpoint (its
+    manifest written, ``latest`` pointing at it)."""
     from launch.joblock import JobLock, held_for_me
 
     rank = int(os.environ.get("RANK", "0"))
@@ -404,13 +221,14 @@ def train(cfg: RunConfig, resume: bool = False, until_step: Optional[int] = None
     if rank == 0 and not lock_held and not held_for_me():
         lock = JobLock(cfg.out_dir).acquire()
     try:
-        return _train(cfg, resume, until_step, resume_from)
+        return _train(cfg, resume, until_step, resume_from, resume_source, after_save)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from: Optional[str]) -> int:
+def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from: Optional[str],
+           resume_source: Optional[Path] = None, after_save: Optional[Callable[[int, Path], None]] = None) -> int:
     import uuid
 
     import yaml
@@ -434,15 +252,20 @@ def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from:
     # DeepSpeed's ZeRO calls a torch collective that torch has renamed; nothing for a user to act on.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     log = _stderr if int(os.environ.get("RANK", "0")) == 0 else (lambda line: None)
+    out_dir, ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / CHECKPOINTS
     # the same answer on every rank: it only reads the disk
-    resume_tag = check_out_dir(cfg, resume, resume_from, checksums=resume_from is None, log=log)
+    if resume_source is not None:
+        resume_root, resume_tag = check_checkpoint_folder(cfg, resume_source,
+                                                          checksums=int(os.environ.get("RANK", "0")) == 0)
+    else:
+        resume_root = ckpt_root
+        resume_tag = check_out_dir(cfg, resume, resume_from, checksums=resume_from is None, log=log)
     end_step = _end_step(cfg, until_step)
     rank, world_size = init_distributed()
     _set_cpu_threads()
     t = cfg.train
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
-    out_dir, ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / CHECKPOINTS
 
     if rank == 0:  # the corpus is tokenised once; the other ranks then map the cached files
         splits = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)
@@ -453,6 +276,12 @@ def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from:
     check_training_data(splits, t.seq_len, t.micro_batch_size, world_size, t.eval_batches if t.eval_every else 0)
 
     model = MoETransformer(cfg.model)  # same seed on every rank: identical weights and routers
+    if t.init is not None and resume_tag is None and resume_source is None:  # a fresh run from an export
+        _load_init(model, t.init)
+    if t.compile:  # each block through torch.compile; parameter names and checkpoints unchanged
+        from moe import compile_blocks
+
+        compile_blocks(model)
     ep_size = cfg.parallel.expert_parallel_size
     ep_group = None
     if ep_size > 1:  # keep this rank's slice of the experts; tokens travel by all-to-all
@@ -470,10 +299,10 @@ def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from:
     run_id = [uuid.uuid4().hex]  # the run's id, which its checkpoints carry: pruning keeps to its own
     logs_note = None
     if resume_tag is not None:
-        state = checkpoint.load(engine, ckpt_root, resume_tag)
+        state = checkpoint.load(engine, resume_root, resume_tag)
         start_step = int(state["step"])
         run_id = [state.get("run_id") or run_id[0]]
-        logs_note = f"resuming from checkpoint {ckpt_root / resume_tag} (step {start_step})"
+        logs_note = f"resuming from checkpoint {resume_root / resume_tag} (step {start_step})"
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng_state"])
         if start_step >= end_step:
@@ -518,6 +347,8 @@ def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from:
                         "layout": checkpoint.current_layout(engine)}
         tag = checkpoint.save(engine, ckpt_root, step, client_state, run_dict, keep=t.keep_checkpoints)
         logs.write(f"step {step}: checkpoint {ckpt_root / tag}")
+        if after_save is not None:
+            after_save(step, ckpt_root / tag)
 
     status = 0
     window = _new_window(device)
@@ -573,6 +404,15 @@ def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from:
     if rank == 0 and status == 0:
         _print_summary(cfg, out_dir, start_step, end_step, world_size, peak_flops)
     return status
+
+
+def _load_init(model, path: str) -> None:
+    """The weights of the export at ``path`` (its model section is the run's: launch.config), into
+    ``model`` on the CPU, before anything is sliced or cast."""
+    from moe import load_pretrained
+
+    source = load_pretrained(path, device="cpu")
+    model.load_state_dict(source.state_dict(), strict=True)  # fixed random gates and expert biases included
 
 
 def _grad_norm(model: torch.nn.Module, ep_group=None) -> float:
@@ -637,8 +477,9 @@ def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, m
     dist.all_reduce(loads)
     dist.all_reduce(sums)
     loads, sums = loads.cpu(), sums.cpu()  # one host copy each for the logs
+    layer_loads = meter.per_layer(loads)  # name -> [E] (layers may differ in E)
     loss, aux = float(sums[0] / sums[2]), float(sums[1] / sums[2])
-    max_vio = {name: max_violation(load) for name, load in zip(layers, loads)}
+    max_vio = {name: max_violation(load) for name, load in layer_loads.items()}
     mean_vio = sum(max_vio.values()) / len(max_vio)
     tokens_per_s = tokens_per_step * window["steps"] / max(elapsed, 1e-9)
     grad_norm = engine.get_global_grad_norm()
@@ -657,7 +498,7 @@ def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, m
         scalars["train/grad_norm"] = float(grad_norm)
     if peak_flops:
         scalars["train/mfu"] = window["model_flops"] / max(elapsed, 1e-9) / peak_flops
-    for i, (name, load) in enumerate(zip(layers, loads)):
+    for i, (name, load) in enumerate(layer_loads.items()):
         scalars[f"max_vio/{name}"] = max_vio[name]
         scalars[f"k/{name}"] = float(ks[i])
         share = load / load.sum().clamp_min(1)
@@ -667,7 +508,7 @@ def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, m
     if "train/mfu" in scalars:
         postfix["MFU"] = f"{100 * scalars['train/mfu']:.1f}%"
     if ep_size > 1:
-        a2a_share = _log_expert_parallel(scalars, engine.module, loads, ep_size, window["steps"], elapsed)
+        a2a_share = _log_expert_parallel(scalars, engine.module, layer_loads, ep_size, window["steps"], elapsed)
         postfix["a2a"] = f"{100 * a2a_share:.0f}%"
     logs.record("train", step, scalars)
     window.update(_new_window(window["sums"].device))
@@ -675,7 +516,7 @@ def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, m
     return postfix
 
 
-def _log_expert_parallel(scalars: dict, model, loads: torch.Tensor, ep_size: int, steps: int, elapsed: float) -> float:
+def _log_expert_parallel(scalars: dict, model, loads: dict, ep_size: int, steps: int, elapsed: float) -> float:
     """Per-rank exchange volume and all-to-all time, and each expert-parallel rank's share of the
     load, into ``scalars``; returns the mean share of step time spent in all-to-all."""
     from moe.devices import collective_device
@@ -693,7 +534,7 @@ def _log_expert_parallel(scalars: dict, model, loads: torch.Tensor, ep_size: int
         scalars[f"ep/rank{rank}/bytes_sent_per_step"] = sent_bytes / max(1, steps)
         scalars[f"ep/rank{rank}/all_to_all_share"] = seconds / max(rank_elapsed, 1e-9)
         shares.append(seconds / max(rank_elapsed, 1e-9))
-    per_rank = loads.view(loads.shape[0], ep_size, -1).sum(-1)  # [L, P] assignments each rank's experts got
+    per_rank = torch.stack([load.view(ep_size, -1).sum(-1) for load in loads.values()])  # [L, P] each rank's experts' load
     per_rank = (per_rank / per_rank.sum(-1, keepdim=True).clamp_min(1)).mean(0)
     for rank, share in enumerate(per_rank.tolist()):
         scalars[f"ep/expert_rank{rank}/load_share"] = share
@@ -727,7 +568,3 @@ def _print_summary(cfg: RunConfig, out_dir: Path, start_step: int, end_step: int
     print(f"checkpoint:  {out_dir / CHECKPOINTS / (latest_tag(out_dir / CHECKPOINTS) or '')}")
     print(f"metrics:     {out_dir / METRICS}")
     print(f"tensorboard: {out_dir / TENSORBOARD}  (tensorboard --logdir {out_dir / TENSORBOARD})")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
