@@ -31,7 +31,8 @@ def test_mfu_is_model_flops_per_second_over_the_peak(monkeypatch):
     model = MoETransformer(cfg)
     layers = dict((name, layer) for name, layer in model.named_modules() if type(layer).__name__ == "MoELayer")
     meter = types.SimpleNamespace(stacked_load=lambda: torch.ones(1, 8, dtype=torch.float64), dropped=0,
-                                  assignments=8, reset=lambda: None)
+                                  assignments=8, reset=lambda: None,
+                                  per_layer=lambda stacked: dict(zip(layers, stacked)))
     monkeypatch.setattr("moe.devices.collective_device", lambda group=None: torch.device("cpu"))  # a group of one
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *a, **k: tensor)
     window = train._new_window(torch.device("cpu"))
