@@ -33,7 +33,8 @@ from tests.runs import REPO, TINY, rank_env, records, set_args
 
 STEPS = 20
 SHORT = [f"train.steps={STEPS}", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0",
-         "train.save_every=5", f"model.moe.k_schedule_steps={STEPS}"]
+         "train.save_every=5", f"model.moe.k_schedule_steps={STEPS}",
+         "train.seq_len=64", "train.micro_batch_size=8"]  # tiny.yaml's model; a quarter of its tokens per step
 EP2 = ["parallel.expert_parallel_size=2"]
 PROGRESS = re.compile(r"(training [\d,]+ parameters on .*|data: .*|step \d+: checkpoint .*|done: .*|"
                       r"(checkpoint|metrics|tensorboard): .*)$")

@@ -81,6 +81,7 @@ PYRAMID = "model.moe.num_experts=[4, 4, 8, 8]"
 COMMON = [
     f"train.steps={STEPS}", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0",
     f"train.save_every={HALF}", "train.keep_checkpoints=0", f"model.moe.k_schedule_steps={STEPS}",
+    "train.seq_len=64", "train.micro_batch_size=8",  # a quarter of tiny.yaml's tokens per step: enough to learn
 ]
 
 
