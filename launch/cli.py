@@ -19,6 +19,8 @@
     moe bench step                           training step: MoE vs its dense equivalent, eager and compiled
     moe bench decode                         ms per decoded token at each k (static cache, CUDA graphs)
     moe config CONFIG [--set k=v]            validate a run config, print it and its parameter counts
+    moe plan --config CONFIG --cluster FILE  memory and tokens/s of each parallel layout (DP, EP, ZeRO,
+                                             micro-batch) on a cluster; --validate against measurements
 
 Mistakes a user can fix (a config value, a path, a flag: :class:`moe.errors.UserError`) print one
 line on stderr and exit with status 2. Anything else is not the user's mistake: it propagates with
@@ -45,6 +47,7 @@ COMMANDS = {
     "config": ("launch.inspect_config", "validate a run config and print its model's parameter counts"),
     "demo": ("launch.demo", "train one MoE layer on a synthetic skewed stream and print routing statistics"),
     "bench": ("launch.bench", "benchmarks (printed tables, measured in one run)"),
+    "plan": ("launch.plan", "estimate memory and tokens/s of each parallel layout on a cluster"),
 }
 
 

@@ -54,8 +54,19 @@ class DataConfig:
     cache_dir: str = "runs/cache"
     """Where tokenised corpora are cached (one folder per corpus fingerprint)."""
 
+    val_tokens: int = 65_536
+    """Predicted tokens every validation of the model reads (the trainer's, ``moe eval``,
+    ``moe slim``, the experiments, ``moe quantize --compare``): ``val_tokens // val_seq_len``
+    windows spread evenly over the whole validation split (``launch.data.validation_windows``)."""
+
+    val_seq_len: Optional[int] = None
+    """Tokens per validation window; null: ``train.seq_len``. Recorded with the model, resolved."""
+
     def __post_init__(self) -> None:
         check_int("data", "val_permille", self.val_permille, minimum=0)
+        check_int("data", "val_tokens", self.val_tokens)
+        if self.val_seq_len is not None:
+            check_int("data", "val_seq_len", self.val_seq_len)
         if self.val_permille >= 1000:
             fail("data", "val_permille", self.val_permille, "expected 0..999")
 
@@ -103,9 +114,6 @@ class TrainConfig:
     eval_every: int = 100
     """Steps between validation passes (also one before the first step and one at the end; 0: none)."""
 
-    eval_batches: int = 8
-    """Validation batches per rank per pass."""
-
     save_every: int = 100
     """Steps between DeepSpeed checkpoints (and one at the end)."""
 
@@ -125,7 +133,7 @@ class TrainConfig:
     run continues its checkpoint instead. ``moe train --init PATH`` sets it."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "eval_batches", "save_every"):
+        for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "log_every", "save_every"):
             check_int("train", name, getattr(self, name))
         check_int("train", "warmup_steps", self.warmup_steps, minimum=0)
         check_int("train", "eval_every", self.eval_every, minimum=0)
@@ -175,6 +183,12 @@ class RunConfig:
             raise UserError(
                 f"train.seq_len={self.train.seq_len!r} is invalid: at most model.max_seq_len ({self.model.max_seq_len})"
             )
+        if self.data.val_seq_len is None:
+            self.data.val_seq_len = self.train.seq_len  # resolved, so the run records what it validated on
+        if self.data.val_seq_len > self.model.max_seq_len:
+            raise UserError(
+                f"data.val_seq_len={self.data.val_seq_len!r} is invalid: at most model.max_seq_len ({self.model.max_seq_len})"
+            )
         ep, experts = self.parallel.expert_parallel_size, self.model.moe.num_experts
         if any(e % ep for e in (experts if isinstance(experts, list) else [experts])):
             raise UserError(
@@ -216,11 +230,21 @@ REQUIRED_KEYS = ("model", "model.moe", "train")
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig}
 
 
+REPLACED_KEYS = {
+    "train.eval_batches": "data.val_tokens (predicted tokens of the validation windows every command reads; "
+                          "default 65536)",
+}
+"""Keys that configs of earlier versions had, and what took their place."""
+
+
 def _section(cls, values: Any, name: str):
     if values is None:
         return cls()
     if not isinstance(values, Mapping):
         raise UserError(f"{name}: expected a mapping, got {type(values).__name__}")
+    for key in values:
+        if f"{name}.{key}" in REPLACED_KEYS:
+            raise UserError(f"{name}.{key} is no longer a setting: it was replaced by {REPLACED_KEYS[f'{name}.{key}']}")
     return from_dict(cls, values, owner=name)
 
 

@@ -301,17 +301,16 @@ def prepare_corpus(data: Optional[str], cache_root: str | os.PathLike, val_permi
 
 
 def check_training_data(splits: TokenSplits, seq_len: int, micro_batch_size: int, world_size: int,
-                        eval_batches: int) -> None:
+                        validate: bool = True) -> None:
     """Raise :class:`DataError` (one line: the split, its size and what is needed) unless a run
     with these settings can use ``splits``: :class:`BatchSampler` needs ``seq_len + 2`` training
-    tokens, and, when validation runs (``eval_batches > 0``; pass 0 when ``train.eval_every`` is
-    0), :func:`validation_batches` must give every one of the ``world_size`` ranks at least one
-    window of ``seq_len + 1`` tokens, which takes ``world_size * seq_len + 1`` validation tokens.
+    tokens, and, when validation runs (``validate``; False when ``train.eval_every`` is 0),
+    :func:`validation_windows` needs one window of ``seq_len + 1`` validation tokens (ranks without
+    a window of their own run a padding forward, so any number of ranks can share one window).
     Meant to run once, before any rank starts; whatever passes cannot fail these checks in a rank."""
-    for name, value, minimum in (("seq_len", seq_len, 1), ("micro_batch_size", micro_batch_size, 1),
-                                 ("world_size", world_size, 1), ("eval_batches", eval_batches, 0)):
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    for name, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size), ("world_size", world_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     source = splits.source or str(splits.cache_dir)
     how = f" ({splits.split_note})" if splits.split_note else ""
     num_train = len(splits.train)
@@ -320,7 +319,7 @@ def check_training_data(splits: TokenSplits, seq_len: int, micro_batch_size: int
             f"the training split of {source} has {num_train:,} tokens{how}; train.seq_len={seq_len} needs at least "
             f"{seq_len + 2:,} (one window of seq_len + 1 tokens and a second start): use more data or a smaller train.seq_len"
         )
-    if eval_batches == 0:
+    if not validate:
         return
     num_val = len(splits.val)
     if num_val < seq_len + 1:
@@ -328,14 +327,6 @@ def check_training_data(splits: TokenSplits, seq_len: int, micro_batch_size: int
             f"the validation split of {source} has {num_val:,} tokens{how}, nothing to evaluate: one window of "
             f"train.seq_len + 1 = {seq_len + 1:,} tokens is needed; use more data, a larger data.val_permille, "
             f"a smaller train.seq_len, or train.eval_every=0"
-        )
-    num_windows = (num_val - 1) // seq_len
-    if num_windows < world_size:
-        raise DataError(
-            f"the validation split of {source} has {num_val:,} tokens{how}, {num_windows:,} window(s) of "
-            f"train.seq_len={seq_len}, fewer than the {world_size} ranks (each rank evaluates as many windows, at least "
-            f"one): {world_size * seq_len + 1:,} tokens are needed; use more data, a larger data.val_permille, "
-            f"a smaller train.seq_len, fewer ranks, or train.eval_every=0"
         )
 
 
@@ -377,14 +368,79 @@ class BatchSampler:
         self.step, self.seed = int(state["step"]), int(state["seed"])
 
 
-def validation_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int, rank: int = 0, world_size: int = 1):
-    """Fixed, non-overlapping windows from the start of the validation split, dealt round-robin to
-    ranks, the same number to each: the same windows every evaluation, so validation losses are
-    comparable across steps."""
-    num_windows = min((len(tokens) - 1) // seq_len, max_batches * batch_size * world_size)
-    num_windows -= num_windows % world_size  # every rank runs as many forwards (expert parallelism exchanges in each)
-    mine = list(range(rank, num_windows, world_size))
-    for i in range(0, len(mine), batch_size):
-        starts = [w * seq_len for w in mine[i : i + batch_size]]
-        windows = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))
-        yield windows[:, :-1], windows[:, 1:]
+VAL_TOKENS = 65_536
+"""Predicted tokens every validation reads by default (``data.val_tokens``): 512 windows of 128."""
+
+
+@dataclass(frozen=True)
+class ValidationWindows:
+    """The held-out windows every validation of a model reads: the trainer's, ``moe eval``,
+    ``moe slim``, the experiments and ``moe quantize --compare`` (:func:`validation_windows`)."""
+
+    starts: np.ndarray
+    """Offset of each window of ``seq_len + 1`` tokens in the validation split, increasing."""
+    seq_len: int
+    """Tokens per window that are predicted (the window's first token is context only)."""
+    documents: int
+    """Validation documents (files) the windows touch."""
+    total_documents: int
+    """Documents in the validation split."""
+    split_tokens: int
+    """Tokens in the validation split."""
+
+    @property
+    def count(self) -> int:
+        return len(self.starts)
+
+    @property
+    def tokens(self) -> int:
+        """Predicted tokens over all windows."""
+        return self.count * self.seq_len
+
+    def describe(self) -> str:
+        """One line for logs and tables: what the windows cover."""
+        return (f"{self.tokens:,} tokens in {self.count:,} windows of {self.seq_len}, spread evenly over the whole "
+                f"validation split ({self.split_tokens:,} tokens), touching {self.documents:,} of its "
+                f"{self.total_documents:,} documents")
+
+
+def validation_windows(tokens: np.ndarray, seq_len: int, val_tokens: int = VAL_TOKENS) -> ValidationWindows:
+    """``val_tokens // seq_len`` windows (at least 1, at most as many as fit without sharing a
+    predicted token) whose starts are spread evenly from the first to the last possible start of
+    the validation split ``tokens``: the whole split is sampled, not its first files, and the
+    windows depend on nothing but the split, ``seq_len`` and ``val_tokens`` (not on the batch
+    size, the number of ranks or the command). Integer arithmetic only, so every machine and rank
+    picks the same windows."""
+    if seq_len < 1 or val_tokens < 1:
+        raise ValueError(f"seq_len and val_tokens must be >= 1, got {seq_len} and {val_tokens}")
+    size = len(tokens)
+    if size < seq_len + 1:
+        raise DataError(f"the validation split has {size:,} tokens: a window of seq_len + 1 = {seq_len + 1:,} is needed")
+    fit = (size - 1) // seq_len  # windows that share no predicted token
+    count = max(1, min(val_tokens // seq_len, fit))
+    last = size - seq_len - 1  # the last possible start
+    starts = (np.arange(count, dtype=np.int64) * last) // max(count - 1, 1) if count > 1 else np.zeros(1, np.int64)
+    # documents: the separators split the split into documents; a window touches those it overlaps
+    separators = np.flatnonzero(np.asarray(tokens) == DOC_SEPARATOR[0])
+    first = np.searchsorted(separators, starts, side="right")  # document of each window's first token
+    last_doc = np.searchsorted(separators, starts + seq_len, side="right")  # ... and of its last token
+    # windows are ordered and overlap by at most one token: a document is counted twice only when
+    # one window ends in it and the next starts in it
+    documents = int((last_doc - first + 1).sum() - (first[1:] == last_doc[:-1]).sum())
+    return ValidationWindows(starts, seq_len, documents, len(separators) + 1, size)
+
+
+def validation_batches(tokens: np.ndarray, windows: ValidationWindows, batch_size: int, rank: int = 0,
+                       world_size: int = 1):
+    """``(inputs, labels, ids)`` batches of this rank's windows (dealt round-robin: window ``i`` to
+    rank ``i % world_size``), ``ids`` the windows' indices. Every rank yields as many batches
+    (expert parallelism exchanges tokens in every forward): a rank with one batch fewer ends with a
+    padding batch of one window whose ids are ``-1``, to be run and ignored."""
+    mine = list(range(rank, windows.count, world_size))
+    most = -(-len(range(0, windows.count, world_size)) // batch_size)  # rank 0 has the most windows
+    seq_len = windows.seq_len
+    for b in range(most):
+        ids = mine[b * batch_size : (b + 1) * batch_size]
+        starts = [int(windows.starts[i]) for i in ids] if ids else [int(windows.starts[0])]
+        batch = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))
+        yield batch[:, :-1], batch[:, 1:], torch.tensor(ids if ids else [-1], dtype=torch.int64)

@@ -43,10 +43,37 @@ from pathlib import Path
 from moe.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
+BALANCING_RATES = (1e-4, 1e-3, 1e-2)
+BALANCING_MODES = ("sign", "proportional")
+BALANCING_STEPS = 3000
+"""The balancing experiment's grid: the learned router's bias at each update rule and rate (long
+enough for the bias to settle: at 1e-3 a sign update moves an expert's bias by at most 3 in 3000
+steps), against the auxiliary loss and the fixed random router's bias."""
+
+
+def bias_run(mode: str, rate: float) -> str:
+    return f"learned_bias_{mode}_{rate:g}"
+
+
+RUN_SETTINGS = {
+    **{bias_run(mode, rate): [f"model.moe.bias_update_mode={mode}", f"model.moe.bias_update_rate={rate}"]
+       for mode in BALANCING_MODES for rate in BALANCING_RATES},
+    # fast early, quiet late: 1e-2 / (1 + t / 300), 1e-2 at the start, 9e-4 at step 3000
+    "learned_bias_sign_decaying": ["model.moe.bias_update_mode=sign", "model.moe.bias_update_rate=0.01",
+                                   "model.moe.bias_update_schedule=inverse_time", "model.moe.bias_update_t0=300"],
+    # the aux-loss run's softmax scores, so that only the balancing differs from it
+    "learned_bias_softmax": ["model.moe.score_function=softmax"],
+}
+"""``--set`` assignments of the runs that differ from their config file (before the user's)."""
+
 EXPERIMENTS = {
     "slimming": [("smoe_dropout", "configs/tiny.yaml"), ("learned_k2", "configs/learned_aux.yaml")],
-    "balancing": [("learned_aux_loss", "configs/learned_aux.yaml"), ("learned_bias", "configs/learned_bias.yaml"),
-                  ("random_bias", "configs/exp_random_bias_k2.yaml")],
+    "balancing": [("learned_aux_loss", "configs/learned_aux.yaml")]
+                 + [(bias_run(mode, rate), "configs/learned_bias.yaml") for mode in BALANCING_MODES
+                    for rate in BALANCING_RATES]
+                 + [("learned_bias_sign_decaying", "configs/learned_bias.yaml"),
+                    ("learned_bias_softmax", "configs/learned_bias.yaml"),
+                    ("random_bias", "configs/exp_random_bias_k2.yaml")],
     "designs": [("baseline", "configs/learned_bias.yaml"), ("shared_experts", "configs/tiny_shared.yaml"),
                 ("residual_moe", "configs/tiny_residual.yaml"), ("pr_moe", "configs/tiny_pyramid.yaml"),
                 ("upcycled", "configs/tiny_dense.yaml")],
@@ -60,7 +87,7 @@ GPU_SCALE = [
     "model.num_layers=12", "model.num_heads=12", "model.max_seq_len=1024", "model.moe.hidden_size=768",
     "model.moe.ffn_hidden_size=768", "model.moe.num_experts=16", "train.steps=20000", "train.micro_batch_size=16",
     "train.seq_len=1024", "train.lr=6.0e-4", "train.warmup_steps=1000", "train.log_every=50",
-    "train.eval_every=1000", "train.eval_batches=50", "train.save_every=1000", "data.val_permille=10",
+    "train.eval_every=1000", "data.val_tokens=524288", "train.save_every=1000", "data.val_permille=10",
 ]
 """Overrides that turn every run of an experiment into the GPU-scale version (``--scale gpu``)."""
 GPU_SCALE_RUNS = {
@@ -69,10 +96,17 @@ GPU_SCALE_RUNS = {
 """Per-run additions at GPU scale: the SMoE-Dropout schedule spans the longer run and all 16 experts."""
 
 
-def run_overrides(label: str, scale: str, overrides: list[str]) -> list[str]:
-    """The ``--set`` assignments of run ``label`` at ``scale``; the user's ``--set`` come last and win."""
+EXPERIMENT_SETTINGS = {
+    "balancing": [f"train.steps={BALANCING_STEPS}", "train.eval_every=500", "train.save_every=500"],
+}
+"""``--set`` assignments of every run of an experiment (before the scale's and the user's)."""
+
+
+def run_overrides(label: str, scale: str, overrides: list[str], experiment: str = "") -> list[str]:
+    """The ``--set`` assignments of run ``label`` at ``scale``: the experiment's, the run's, the
+    scale's, then the user's ``--set``, which come last and win."""
     scaled = GPU_SCALE + GPU_SCALE_RUNS.get(label, []) if scale == "gpu" else []
-    return scaled + list(overrides)
+    return EXPERIMENT_SETTINGS.get(experiment, []) + RUN_SETTINGS.get(label, []) + scaled + list(overrides)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -82,7 +116,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--nproc", type=int, default=2, help="ranks per training run (default 2)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a field of every run's config (e.g. train.steps=100)")
-    parser.add_argument("--batches", type=int, default=32, help="validation batches per evaluation (default 32)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="validation tokens per evaluation (default: as recorded with each run, data.val_tokens)")
+    parser.add_argument("--runs", default=None, metavar="LABEL,...",
+                        help="train and tabulate only these runs of the experiment, in this order (default: all)")
     parser.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
                         help="cpu: the configs as they are (default); gpu: the documented GPU-scale version of every run")
     parser.set_defaults(func=run)
@@ -111,7 +148,11 @@ def _train_and_export(label: str, config: str, out: Path, nproc: int, overrides:
     return export
 
 
-def slimming_rows(exports: dict[str, Path], batches: int) -> list[dict]:
+def _loss_cells(result: dict, prefix: str = "") -> dict:
+    return {f"{prefix}val_loss": result["loss"], f"{prefix}val_loss_se": result["loss_stderr"]}
+
+
+def slimming_rows(exports: dict[str, Path], tokens) -> list[dict]:
     from launch.evaluate import evaluate_path
     from launch.slim import default_ks
     from moe import load_pretrained
@@ -121,7 +162,7 @@ def slimming_rows(exports: dict[str, Path], batches: int) -> list[dict]:
     for k in default_ks(num_experts):
         row = {"k": k}
         for label, export in exports.items():
-            row[f"{label}_val_loss"] = evaluate_path(str(export), k=k, batches=batches)["loss"]
+            row.update(_loss_cells(evaluate_path(str(export), k=k, tokens=tokens), f"{label}_"))
         rows.append(row)
     return rows
 
@@ -147,7 +188,7 @@ def _upcycled_run(out: Path, nproc: int, overrides: list[str]) -> Path:
     return _train_and_export("upcycled", "configs/tiny_dense.yaml", out, nproc, rest, init=start)
 
 
-def designs_rows(exports: dict[str, Path], batches: int) -> list[dict]:
+def designs_rows(exports: dict[str, Path], tokens) -> list[dict]:
     from launch.evaluate import evaluate_path
     from moe import load_pretrained
 
@@ -155,24 +196,84 @@ def designs_rows(exports: dict[str, Path], batches: int) -> list[dict]:
     for label, export in exports.items():
         model = load_pretrained(export, device="cpu")
         ks = [layer.active_experts for layer in model.modules() if hasattr(layer, "active_experts")]
-        result = evaluate_path(str(export), batches=batches)  # at the k each run was trained to
+        result = evaluate_path(str(export), tokens=tokens)  # at the k each run was trained to
         rows.append({"run": label, "experts": str(model.config.moe.num_experts), "k": str(sorted(set(ks))),
-                     "shared": model.config.moe.num_shared_experts, "val_loss": result["loss"],
+                     "shared": model.config.moe.num_shared_experts, **_loss_cells(result),
                      "perplexity": result["perplexity"], "max_vio": result["max_vio"],
                      "parameters": model.num_parameters(),
                      "active_parameters": model.num_parameters(active_k=max(ks))})
     return rows
 
 
-def balancing_rows(exports: dict[str, Path], batches: int) -> list[dict]:
-    from launch.evaluate import evaluate_path
+def _train_max_vio(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
+    """(steps, MaxVio of each training log window (mean over layers), mean bias range over layers)
+    from a run's ``metrics.jsonl``; the bias range is NaN for runs without a bias."""
+    steps, vio, spread = [], [], []
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return steps, vio, spread
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") != "train":
+            continue
+        ranges = [value for key, value in record.items() if key.startswith("bias_range/")]
+        steps.append(int(record["step"]))
+        vio.append(float(record["train/max_vio"]))
+        spread.append(sum(ranges) / len(ranges) if ranges else float("nan"))
+    return steps, vio, spread
 
+
+def balancing_rows(exports: dict[str, Path], tokens) -> list[dict]:
+    """At k = 2 on the validation windows: loss ± s.e., its paired difference with the auxiliary
+    loss's run, MaxVio over the whole validation set (load summed over it: MaxVio_global), and
+    from training: the mean MaxVio of the last tenth of the log windows and the bias's final range."""
+    from launch.evaluate import evaluate_path, paired_difference
+    from moe import load_pretrained
+
+    results = {label: evaluate_path(str(export), k=2, tokens=tokens) for label, export in exports.items()}
+    reference = results.get("learned_aux_loss")
     rows = []
     for label, export in exports.items():
-        result = evaluate_path(str(export), k=2, batches=batches)
-        rows.append({"run": label, "k": 2, "val_loss": result["loss"], "perplexity": result["perplexity"],
-                     "max_vio_global": result["max_vio"]})
+        result = results[label]
+        moe_config = load_pretrained(export, device="cpu").config.moe
+        steps, vio, spread = _train_max_vio(export.parent)
+        tail = vio[len(vio) - max(1, len(vio) // 10):] if vio else [float("nan")]
+        row = {"run": label, "router": moe_config.router, "balance": moe_config.balance,
+               "update": moe_config.bias_update_mode if moe_config.balance == "bias" else "-",
+               "rate": f"{moe_config.bias_update_rate:g}" if moe_config.balance == "bias" else "-",
+               "steps": steps[-1] if steps else 0, **_loss_cells(result)}
+        if reference is not None:
+            row["val_loss_vs_aux"], row["vs_aux_se"] = paired_difference(result, reference)
+        row.update({"max_vio_global": result["max_vio"], "max_vio_train_last10pct": sum(tail) / len(tail),
+                    "bias_range": spread[-1] if spread else float("nan")})
+        rows.append(row)
     return rows
+
+
+def plot_max_vio(exports: dict[str, Path], path: Path) -> Path:
+    """MaxVio over training steps (each log window's load, mean over layers) of every run, and the
+    bias range of the bias-balanced runs, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (vio_axis, bias_axis) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for label, export in exports.items():
+        steps, vio, spread = _train_max_vio(export.parent)
+        if not steps:
+            continue
+        line, = vio_axis.plot(steps, vio, label=label, linewidth=1)
+        if any(value == value for value in spread):
+            bias_axis.plot(steps, spread, label=label, linewidth=1, color=line.get_color())
+    vio_axis.set(xlabel="step", ylabel="MaxVio (training log window, mean over layers)", yscale="log",
+                 title="load imbalance during training")
+    bias_axis.set(xlabel="step", ylabel="bias max - min (mean over layers)", title="expert bias range")
+    vio_axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def markdown(rows: list[dict]) -> str:
@@ -184,31 +285,50 @@ def markdown(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.nproc < 1 or args.batches < 1:
-        raise UserError(f"--nproc and --batches must be >= 1, got {args.nproc} and {args.batches}")
+    if args.nproc < 1 or (args.tokens is not None and args.tokens < 1):
+        raise UserError(f"--nproc and --tokens must be >= 1, got {args.nproc} and {args.tokens}")
+    runs = dict(EXPERIMENTS[args.name])
+    labels = list(runs)
+    if args.runs:
+        labels = [label.strip() for label in args.runs.split(",") if label.strip()]
+        unknown = [label for label in labels if label not in runs]
+        if unknown or not labels:
+            raise UserError(f"--runs {args.runs!r}: unknown run(s) {', '.join(unknown) or '(none given)'}; "
+                            f"the {args.name} experiment has {', '.join(runs)}")
     out = Path(args.out or f"runs/exp_{args.name}")
     out.mkdir(parents=True, exist_ok=True)
     exports = {}
-    for label, config in EXPERIMENTS[args.name]:
-        overrides = run_overrides(label, args.scale, args.overrides)
+    for label in labels:
+        config = runs[label]
+        overrides = run_overrides(label, args.scale, args.overrides, args.name)
         if label == "upcycled":
             exports[label] = _upcycled_run(out, args.nproc, overrides)
         else:
             exports[label] = _train_and_export(label, config, out, args.nproc, overrides)
     rows = {"slimming": slimming_rows, "balancing": balancing_rows, "designs": designs_rows}[args.name](
-        exports, args.batches)
+        exports, args.tokens)
     table = markdown(rows)
-    (out / "results.md").write_text(f"# Experiment: {args.name}\n\n{table}\n\nRuns: "
-                                    + ", ".join(f"{label} = {config}" for label, config in EXPERIMENTS[args.name])
-                                    + (f"; scale {args.scale}" if args.scale != "cpu" else "")
-                                    + (f"; overrides {args.overrides}" if args.overrides else "") + "\n")
+    plots = [plot_max_vio(exports, out / "max_vio.png")] if args.name == "balancing" else []
+    settings = "; ".join(f"{label} = {runs[label]}" + (f" {' '.join(RUN_SETTINGS[label])}" if label in RUN_SETTINGS else "")
+                         for label in labels)
+    (out / "results.md").write_text(
+        f"# Experiment: {args.name}\n\n{table}\n\n"
+        "val_loss ± val_loss_se: the mean over the validation windows and its standard error (one validation for "
+        "every command: launch.data.validation_windows)"
+        + ("; val_loss_vs_aux ± vs_aux_se: the paired per-window difference with learned_aux_loss" if args.name == "balancing" else "")
+        + f".\n\nRuns: {settings}"
+        + (f"; every run: {' '.join(EXPERIMENT_SETTINGS[args.name])}" if args.name in EXPERIMENT_SETTINGS else "")
+        + (f"; scale {args.scale}" if args.scale != "cpu" else "")
+        + (f"; overrides {args.overrides}" if args.overrides else "") + "\n")
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     (out / "results.json").write_text(json.dumps({"experiment": args.name, "scale": args.scale, "overrides": args.overrides,
-                                                  "runs": dict(EXPERIMENTS[args.name]), "rows": rows}, indent=2))
+                                                  "runs": {label: runs[label] for label in labels}, "rows": rows}, indent=2))
     print(table)
     for suffix in ("md", "csv", "json"):
         print(f"{suffix:<5}{out / f'results.{suffix}'}")
+    for plot in plots:
+        print(f"png  {plot}")
     return 0

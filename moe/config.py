@@ -140,6 +140,12 @@ class MoEConfig:
     k_schedule_steps: int = 1000
     """Optimizer steps over which a non-constant schedule goes from k_min to k_max."""
 
+    a2a_overlap_chunks: int = 1
+    """Expert parallelism only: split each MoE layer's token exchange into this many chunks of local
+    experts, so the all-to-all of one chunk runs while the experts compute another, forward and
+    backward (``parallel.dispatcher``). 1: one exchange each way (the serial path). At most E/P
+    chunks are used (one per local expert); ignored without expert parallelism."""
+
     def __post_init__(self) -> None:
         for name in ("hidden_size", "ffn_hidden_size", "top_k", "k_schedule_steps"):
             check_int(_OWNER, name, getattr(self, name))
@@ -178,6 +184,7 @@ class MoEConfig:
         check_int(_OWNER, "router_seed", self.router_seed, minimum=0)
         check_choice(_OWNER, "expert_backend", self.expert_backend, EXPERT_BACKENDS)
         check_choice(_OWNER, "k_schedule", self.k_schedule, K_SCHEDULES)
+        check_int(_OWNER, "a2a_overlap_chunks", self.a2a_overlap_chunks)
         self._validate_k_range()
 
     def _validate_k_range(self) -> None:

@@ -60,6 +60,9 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device | None =
 
     A quantized export (``moe quantize``) loads the same way: its packed weights are dequantized
     into an ordinary model, whose ``quantization`` attribute holds the settings it was made with.
+    EoRA factors stored with a weight (``--eora``) are folded in here, once: the weight becomes
+    ``dequant(Wq) + B @ A`` (:func:`moe.quant.storage.dequantize_state`), so the forward needs no
+    extra matmul and computes exactly the corrected layer ``x (Wq + B A)^T``.
 
     Every problem of the export is one :class:`~moe.errors.UserError` naming the file: a path that
     is not an export, a truncated or corrupted ``model.safetensors``, a ``config.json`` that is not

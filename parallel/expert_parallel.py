@@ -1,6 +1,7 @@
 """Expert parallelism applied to a built model, the way torchtitan parallelizes after building:
 each MoE layer keeps its rank's slice of ``w1/w3/w2``, its expert parameters are marked as
-DeepSpeed MoE parameters, and its dispatcher becomes the all-to-all one.
+DeepSpeed MoE parameters, and its dispatcher becomes the all-to-all one (which runs the experts
+itself, chunk by chunk beside the exchange, when ``model.moe.a2a_overlap_chunks`` > 1).
 
 Router weights (learned or fixed random) and expert biases are untouched: they stay whole and
 identical on every rank. Build the model from the same seed on every rank, then apply this; the
@@ -35,7 +36,9 @@ def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> nn.
     if not layers:
         raise ValueError(f"apply_expert_parallel: {type(model).__name__} contains no MoELayer")
     for name, layer in layers:
-        dispatcher = AllToAllDispatcher(layer.num_experts, groups)  # checks that P divides E
+        # checks that P divides E; with model.moe.a2a_overlap_chunks > 1 it runs the experts chunk by chunk
+        dispatcher = AllToAllDispatcher(layer.num_experts, groups, overlap_chunks=layer.config.a2a_overlap_chunks,
+                                        experts=layer.experts)
         if layer.experts.num_experts != layer.num_experts:
             raise ValueError(f"apply_expert_parallel: {name} is already expert-parallel")
         first = groups.rank * dispatcher.num_local_experts
@@ -54,7 +57,7 @@ def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> nn.
 
 def exchange_stats(model: nn.Module) -> dict:
     """Summed :class:`~parallel.dispatcher.ExchangeStats` of every all-to-all dispatcher, then reset."""
-    total = {"rows_sent": 0, "rows_received": 0, "bytes_sent": 0, "seconds": 0.0, "calls": 0}
+    total = {"rows_sent": 0, "rows_received": 0, "bytes_sent": 0, "seconds": 0.0, "blocked_seconds": 0.0, "calls": 0}
     for _, layer in moe_layers(model):
         stats = getattr(layer.dispatcher, "stats", None)
         if stats is None:

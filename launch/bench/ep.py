@@ -1,17 +1,26 @@
-"""``moe bench ep``: training-step time and all-to-all cost at EP=1 and EP=2, on 2 ranks.
+"""``moe bench ep``: training-step time and all-to-all cost at EP=1 and EP=2, on 2 ranks, and at EP=2
+with the all-to-all overlapped with expert compute.
 
 The command starts 2 ranks with the deepspeed launcher (CPU and gloo without a GPU); each rank runs
 this module's :func:`main`. For ``tiny.yaml`` and for a fine-grained variant of it (64 narrow
 experts, top-6), and for expert-parallel sizes 1 and 2, it builds the model from one seed, wraps
 it in the DeepSpeed engine the trainer uses, and times full training steps (forward, auxiliary
-losses, backward, gradient reduction, AdamW, bias update) on random tokens. It reports
+losses, backward, gradient reduction, AdamW, bias update) on random tokens; then again at EP=2
+for each ``--chunks`` count (``model.moe.a2a_overlap_chunks``). It reports
 
+    chunks         1: the serial exchange; n: n chunks of local experts, the exchange of one chunk
+                   in flight while the experts compute another (forward and backward)
     step ms        median over ranks of each step's wall time (the slowest rank per step)
-    a2a ms         time inside all-to-all calls per step (counts, dispatch, combine, and both in backward)
+    a2a ms         time an all-to-all was under way per step (counts, dispatch, combine, and both in
+                   backward; overlapped: from issue to completion, the union of those spans)
+    not hidden     a2a not hidden, ms per step: time the rank's thread was blocked by all-to-all
+                   (serial: all of a2a ms; overlapped: issuing, and waiting on handles)
     a2a share      a2a ms / step ms
     MB sent        bytes of token rows each rank sent to the other per step, as counted by the dispatcher
     formula MB     4 * L * T * k * d * bytes * (P - 1) / P: the same volume for perfectly balanced routing
                    (dispatch and combine, forward and backward; T tokens per rank, L MoE layers)
+    |dloss| |dgrad| largest difference to the serial EP=2 model of the loss and of any gradient
+                   element, one forward and backward of the same batch from the same weights (max over ranks)
 
 All figures are measured in this run; nothing is copied from elsewhere.
 """
@@ -37,7 +46,8 @@ CONFIGS = {
     "fine-grained": ["model.moe.num_experts=64", "model.moe.top_k=6", "model.moe.ffn_hidden_size=32",
                      "model.moe.k_schedule=constant"],
 }
-COLUMNS = ("step_ms", "a2a_ms", "a2a_share", "mb_sent", "formula_mb")
+COLUMNS = ("step_ms", "a2a_ms", "blocked_ms", "a2a_share", "mb_sent", "formula_mb")
+DEFAULT_CHUNKS = "2,4"
 
 
 def all_to_all_bytes_per_step(moe_layers: int, tokens: int, top_k: int, hidden: int, dtype_bytes: int, ep: int) -> float:
@@ -51,8 +61,25 @@ def add_parser(which: argparse._SubParsersAction) -> None:
     parser = which.add_parser("ep", help="training step time and all-to-all cost at EP=1 and EP=2 on 2 ranks")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per case (default 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--chunks", default=DEFAULT_CHUNKS, metavar="N[,N...]",
+                        help=f"overlapped EP=2 cases: a2a_overlap_chunks values >= 2, comma-separated, or 'none' "
+                             f"(default {DEFAULT_CHUNKS})")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.set_defaults(func=run_cli)
+
+
+def parse_chunks(text: str) -> list:
+    """``"2,4"`` -> ``[2, 4]``; ``"none"`` -> ``[]``. Anything else than integers >= 2 is a UserError."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        chunks = [int(part) for part in text.split(",")]
+    except ValueError:
+        chunks = []
+    if not chunks or any(n < 2 for n in chunks) or len(set(chunks)) != len(chunks):
+        raise UserError(f"--chunks {text!r} is invalid: expected distinct integers >= 2, comma-separated "
+                        "(e.g. 2,4), or none")
+    return chunks
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -64,6 +91,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.warmup < 0:
         raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    chunks = parse_chunks(args.chunks)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench_ep.json"
         env = dict(os.environ)
@@ -72,7 +100,8 @@ def run_cli(args: argparse.Namespace) -> int:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                    str(free_port()), "--module", "launch.bench.ep", "--out", str(out),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                   "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--chunks", ",".join(map(str, chunks)) or "none"]
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0 or not out.exists():
             tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
@@ -91,21 +120,34 @@ def print_report(report: dict) -> None:
     for line in __doc__.split("It reports")[1].split("All figures")[0].strip("\n").splitlines():
         print(line)
     print()
-    header = f"{'config':<14}{'E':>4}{'k':>3}{'EP':>4}  " + "".join(f"{c:>12}" for c in ("step ms", "a2a ms", "a2a share",
-                                                                                          "MB sent", "formula MB"))
-    print(header)
+    names = ("step ms", "a2a ms", "not hidden", "a2a share", "MB sent", "formula MB", "|dloss|", "|dgrad|")
+    print(f"{'config':<14}{'E':>4}{'k':>3}{'EP':>4}{'chunks':>7}  " + "".join(f"{c:>11}" for c in names))
     for row in report["results"]:
-        cells = [f"{row['step_ms']:.1f}", f"{row['a2a_ms']:.1f}", f"{100 * row['a2a_share']:.1f}%",
-                 f"{row['mb_sent']:.2f}", f"{row['formula_mb']:.2f}"]
-        print(f"{row['config']:<14}{row['num_experts']:>4}{row['top_k']:>3}{row['ep']:>4}  " + "".join(f"{c:>12}" for c in cells))
+        cells = [f"{row['step_ms']:.1f}", f"{row['a2a_ms']:.1f}", f"{row['blocked_ms']:.1f}",
+                 f"{100 * row['a2a_share']:.1f}%", f"{row['mb_sent']:.2f}", f"{row['formula_mb']:.2f}",
+                 _diff(row.get("loss_diff")), _diff(row.get("grad_diff"))]
+        print(f"{row['config']:<14}{row['num_experts']:>4}{row['top_k']:>3}{row['ep']:>4}{row.get('chunks', 1):>7}  "
+              + "".join(f"{c:>11}" for c in cells))
     for name in CONFIGS:
-        rows = {r["ep"]: r for r in report["results"] if r["config"] == name}
-        if 1 in rows and 2 in rows:
-            print(f"{name}: EP=2 step time / EP=1 step time = {rows[2]['step_ms'] / rows[1]['step_ms']:.2f}x; "
-                  f"measured / formula bytes at EP=2 = {rows[2]['mb_sent'] / rows[2]['formula_mb']:.3f}")
+        rows = {(r["ep"], r.get("chunks", 1)): r for r in report["results"] if r["config"] == name}
+        if (1, 1) in rows and (2, 1) in rows:
+            print(f"{name}: EP=2 step time / EP=1 step time = {rows[2, 1]['step_ms'] / rows[1, 1]['step_ms']:.2f}x; "
+                  f"measured / formula bytes at EP=2 = {rows[2, 1]['mb_sent'] / rows[2, 1]['formula_mb']:.3f}")
+        for (ep, chunks), row in sorted(rows.items()):
+            if ep == 2 and chunks > 1 and (2, 1) in rows:
+                serial = rows[2, 1]
+                print(f"{name}: chunks={chunks} / serial at EP=2: step time {row['step_ms'] / serial['step_ms']:.2f}x, "
+                      f"a2a not hidden {serial['blocked_ms']:.1f} -> {row['blocked_ms']:.1f} ms per step")
 
 
-def _measure(name: str, overrides: list, ep: int, steps: int, warmup: int, rank: int, world: int) -> dict:
+def _diff(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return "0" if value == 0 else f"{value:.1e}"
+
+
+def _measure(name: str, overrides: list, ep: int, steps: int, warmup: int, rank: int, world: int,
+             chunks: int = 1) -> dict:
     from launch.config import load_run_config
     from moe import MoETransformer, collect_aux_losses, moe_layers, update_expert_biases
     from moe.devices import collective_device
@@ -114,7 +156,8 @@ def _measure(name: str, overrides: list, ep: int, steps: int, warmup: int, rank:
     from parallel.groups import expert_parallel_groups
 
     repo = Path(__file__).resolve().parents[2]
-    cfg = load_run_config(repo / "configs" / "tiny.yaml", [*overrides, "train.grad_clip=1.0"])
+    cfg = load_run_config(repo / "configs" / "tiny.yaml",
+                          [*overrides, "train.grad_clip=1.0", f"model.moe.a2a_overlap_chunks={chunks}"])
     torch.manual_seed(0)
     model = MoETransformer(cfg.model)
     if ep > 1:
@@ -142,7 +185,8 @@ def _measure(name: str, overrides: list, ep: int, steps: int, warmup: int, rank:
         if step >= warmup:
             times.append(float(elapsed))
     counted = exchange_stats(model)
-    stats = torch.tensor([counted["seconds"], counted["bytes_sent"]], dtype=torch.float64, device=collective_device())
+    stats = torch.tensor([counted["seconds"], counted["bytes_sent"], counted["blocked_seconds"]], dtype=torch.float64,
+                         device=collective_device())
     dist.all_reduce(stats)
     moe = cfg.model.moe
     num_moe_layers = len(list(moe_layers(model)))
@@ -150,11 +194,51 @@ def _measure(name: str, overrides: list, ep: int, steps: int, warmup: int, rank:
     step_s = statistics.median(times)
     a2a_s = float(stats[0]) / world / steps
     return {
-        "config": name, "num_experts": moe.num_experts, "top_k": moe.top_k, "ep": ep, "hidden": moe.hidden_size,
-        "moe_layers": num_moe_layers, "step_ms": 1e3 * step_s, "a2a_ms": 1e3 * a2a_s, "a2a_share": a2a_s / step_s,
+        "config": name, "num_experts": moe.num_experts, "top_k": moe.top_k, "ep": ep, "chunks": chunks,
+        "hidden": moe.hidden_size, "moe_layers": num_moe_layers, "step_ms": 1e3 * step_s, "a2a_ms": 1e3 * a2a_s,
+        "blocked_ms": 1e3 * float(stats[2]) / world / steps, "a2a_share": a2a_s / step_s,
         "mb_sent": float(stats[1]) / world / steps / 1e6,
         "formula_mb": all_to_all_bytes_per_step(num_moe_layers, tokens, moe.top_k, moe.hidden_size, 4, ep) / 1e6,
     }
+
+
+def _differences(overrides: list, chunks: list, rank: int) -> dict:
+    """{n: (|dloss|, |dgrad|)}: one forward and backward at EP=2 with ``a2a_overlap_chunks`` n against
+    1, same weights and batch (the tokens differ per rank); max over the ranks."""
+    from launch.config import load_run_config
+    from moe import MoETransformer, collect_aux_losses
+    from moe.devices import collective_device, default_device
+    from parallel.expert_parallel import apply_expert_parallel
+    from parallel.groups import expert_parallel_groups
+
+    repo = Path(__file__).resolve().parents[2]
+    device = default_device()
+    runs = {}
+    for n in (1, *chunks):
+        cfg = load_run_config(repo / "configs" / "tiny.yaml", [*overrides, f"model.moe.a2a_overlap_chunks={n}"])
+        torch.manual_seed(0)
+        model = apply_expert_parallel(MoETransformer(cfg.model), expert_parallel_groups(2)).to(device).train()
+        t = cfg.train
+        generator = torch.Generator().manual_seed(2000 + rank)
+        batch = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), generator=generator)
+        batch = batch.to(device)
+        _, loss = model(batch[:, :-1], labels=batch[:, 1:])
+        aux = collect_aux_losses(model)
+        total = loss if aux is None else loss + aux
+        total.backward()
+        runs[n] = (total.detach(), [p.grad for p in model.parameters() if p.grad is not None])
+    serial_loss, serial_grads = runs[1]
+    found = {}
+    for n in chunks:
+        loss, grads = runs[n]
+        grad_diff = max(float((a - b).abs().max()) for a, b in zip(grads, serial_grads)) if grads else 0.0
+        if len(grads) != len(serial_grads):
+            grad_diff = float("inf")
+        both = torch.tensor([float((loss - serial_loss).abs()), grad_diff], dtype=torch.float64,
+                            device=collective_device())
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        found[n] = both.tolist()
+    return found
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -162,6 +246,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--chunks", default=DEFAULT_CHUNKS)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from parallel.engine import init_distributed
@@ -172,8 +257,15 @@ def main(argv: Optional[list] = None) -> int:
     import logging
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    results = [_measure(name, overrides, ep, args.steps, args.warmup, rank, world)
-               for name, overrides in CONFIGS.items() for ep in (1, 2)]
+    chunks = parse_chunks(args.chunks)
+    results = []
+    for name, overrides in CONFIGS.items():
+        results += [_measure(name, overrides, ep, args.steps, args.warmup, rank, world) for ep in (1, 2)]
+        differences = _differences(overrides, chunks, rank) if chunks else {}
+        for n in chunks:
+            row = _measure(name, overrides, 2, args.steps, args.warmup, rank, world, chunks=n)
+            row["loss_diff"], row["grad_diff"] = differences[n]
+            results.append(row)
     if rank == 0:
         from launch.config import load_run_config
 

@@ -5,8 +5,9 @@ The package: :mod:`~launch.quantize.job` (one quantization, block by block, resu
 (``--compare``); this module is the command.
 
     moe quantize --model PATH --out OUT [--method {rtn,gptq}] [--bits 4] [--calib {random,ebss}]
-                 [--agq] [--group-size G] [--asym] [--act-order] [--experts K] [--ray-address ADDR]
-    moe quantize --compare --model PATH --out DIR [--bits 3,4]
+                 [--agq] [--group-size G] [--asym] [--act-order] [--experts K[,K...]] [--eora RANK]
+                 [--ray-address ADDR]
+    moe quantize --compare --model PATH --out DIR [--bits 3,4] [--eora RANK]
 
 The work (the algorithms are in :mod:`moe.quant`; this module only schedules them):
 
@@ -18,10 +19,14 @@ The work (the algorithms are in :mod:`moe.quant`; this module only schedules the
    one task per linear solves it; then, with the quantized router in place, the routing is
    recorded again and stage 2 captures each expert's Hessians (under ``--agq`` every token
    weighted by its gate), one task per (expert, linear) solves them; one task per shard then runs
-   the finished block to give the next block its inputs;
+   the finished block to give the next block its inputs. With several ks (``--experts 2,4,8``)
+   every capture and advance runs once per k, on inputs that went through the earlier blocks at
+   that k, and each linear's Hessians are summed over the ks;
 3. every finished block is written to ``OUT/.partial/``; a job started again with the same
    settings (after a crash, a Ctrl-C or a lost cluster) resumes after the last finished block;
-4. the quantized export in OUT (packed weights, :mod:`moe.quant.storage`), loadable with
+4. with ``--eora RANK``, each linear but the router also gets EoRA's rank-r correction from the
+   same Hessian (:mod:`moe.quant.eora`), stored beside its packed weight and folded in on loading;
+5. the quantized export in OUT (packed weights, :mod:`moe.quant.storage`), loadable with
    ``moe.load_pretrained`` and every command that takes ``--model``. It records the source
    model's training data with absolute paths (:func:`launch.evaluate.resolve_recorded_paths`).
 
@@ -48,7 +53,7 @@ from pathlib import Path
 
 from launch.quantize.cluster import Stopped
 from launch.quantize.compare import compare, compare_table
-from launch.quantize.job import PARTIAL_DIR, QuantizeOptions, quantize_model
+from launch.quantize.job import PARTIAL_DIR, QuantizeOptions, parse_experts, quantize_model
 from moe.errors import UserError
 
 # ------------------------------------------------------------------------------------------------
@@ -67,7 +72,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--act-order", action="store_true", help="GPTQ columns by decreasing Hessian diagonal")
     parser.add_argument("--calib", choices=("random", "ebss"), default="random", help="calibration set")
     parser.add_argument("--agq", action="store_true", help="affinity-guided GPTQ: tokens weighted by their gates")
-    parser.add_argument("--experts", type=int, default=None, help="active experts k while calibrating (default: as saved)")
+    parser.add_argument("--experts", default=None, metavar="K[,K...]",
+                        help="active experts k while calibrating (default: as saved); a list such as 2,4,8 "
+                             "calibrates at each k and sums the Hessians (the first k is the export's default)")
+    parser.add_argument("--eora", type=int, default=None, metavar="RANK",
+                        help="EoRA: a rank-RANK low-rank correction of each quantized linear's error (not the "
+                             "router's), from its calibration activations (default: none; with --compare: the rank "
+                             "of the EoRA rows, default 16, 0 for none)")
     parser.add_argument("--num-sequences", type=int, default=None, help="calibration sequences (default: sized to the model)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence")
     parser.add_argument("--ebss-width", type=int, default=4, help="EBSS search width w (default 4)")
@@ -80,8 +91,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT's export or unfinished job")
     parser.add_argument("--compare", action="store_true",
-                        help="quantize with RTN, GPTQ, GPTQ+EBSS, GPTQ+AGQ, GPTQ+EBSS+AGQ and tabulate val perplexity")
-    parser.add_argument("--eval-batches", type=int, default=32, help="--compare: validation batches (default 32)")
+                        help="quantize with RTN, GPTQ, GPTQ+EBSS, GPTQ+AGQ, GPTQ+EBSS+AGQ, GPTQ+EBSS+AGQ+EoRA and "
+                             "tabulate val perplexity (at each --experts k)")
+    parser.add_argument("--eval-tokens", type=int, default=None,
+                        help="--compare: validation tokens (default: as recorded with the model, data.val_tokens; "
+                             "the same windows as moe eval and moe slim)")
     parser.add_argument("--device", default="auto",
                         help="where the calibration passes run: cpu, cuda, or auto (default: the GPUs of the Ray "
                              "cluster when it has any; each task holds a quarter of one)")
@@ -112,17 +126,22 @@ def stopped_message(stop: Stopped, out: str, compare_report: bool = False) -> st
 
 def run(args: argparse.Namespace) -> int:
     bits = parse_bits(args.bits, args.compare)
+    experts = parse_experts(args.experts)
+    eora = args.eora
+    if eora is not None and eora < 0:
+        raise UserError(f"--eora {eora} is invalid: expected a rank >= 1 (0: none)")
     options = QuantizeOptions(
         method=args.method, bits=bits[0], group_size=args.group_size, symmetric=not args.asym, act_order=args.act_order,
         calib=args.calib, agq=args.agq, num_sequences=args.num_sequences, seq_len=args.seq_len,
-        ebss_width=args.ebss_width, ebss_tau=args.ebss_tau, experts=args.experts, seed=args.seed, shards=args.shards,
+        ebss_width=args.ebss_width, ebss_tau=args.ebss_tau, experts=experts, seed=args.seed, shards=args.shards,
+        eora=0 if args.compare else (eora or 0),
     )
     for b in bits:
         QuantizeOptions(**{**asdict(options), "bits": b})
     try:
         if args.compare:
             report = compare(args.model, args.out, bits, options, args.ray_address, args.ray_cpus, args.data,
-                             args.eval_batches, device=args.device)
+                             args.eval_tokens, device=args.device, eora_rank=eora)
         else:
             result = quantize_model(args.model, args.out, options, args.ray_address, args.ray_cpus, args.data,
                                     args.overwrite, device=args.device)
@@ -135,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     sigma = "" if result.calibration_sigma is None else f", calibration sigma {result.calibration_sigma:.4f}"
     resumed = f", {result.resumed_blocks} blocks resumed from an earlier run" if result.resumed_blocks else ""
-    print(f"quantized {args.model} -> {result.out}: {result.label} W{options.bits} in {result.wall_s:.1f} s, "
-          f"{result.ray_tasks} Ray tasks on {result.device}{sigma}{resumed}")
+    ks = options.ks
+    at = f" at k={','.join(str(k) for k in ks)}" if ks and len(ks) > 1 and options.method != "rtn" else ""
+    print(f"quantized {args.model} -> {result.out}: {result.label} W{options.bits}{at} in {result.wall_s:.1f} s, "
+          f"{result.ray_tasks} Ray tasks on {result.device}{sigma}{resumed}, {result.size_bytes / 1e6:.2f} MB")
     return 0

@@ -208,13 +208,13 @@ def _model_from(config: dict, state: dict, active_experts):
     return model.eval()
 
 
-def _ebss_task(config, state, active_experts, first_tokens, seq_len, width, tau, device):
+def _ebss_task(config, state, active_experts, first_tokens, seq_len, width, tau, ks, device):
     from moe.quant import ebss_generate
 
     _maybe_die()
     _one_thread()
     model = _model_from(config, state, active_experts).to(device)
-    return ebss_generate(model, len(first_tokens), seq_len, width=width, tau=tau, first_tokens=first_tokens).cpu()
+    return ebss_generate(model, len(first_tokens), seq_len, width=width, tau=tau, first_tokens=first_tokens, ks=ks).cpu()
 
 
 def _embed_task(embed_weight, input_ids):
@@ -247,13 +247,16 @@ def _advance_task(config, layer_idx, state, active_experts, hidden, device):
     return run_block(block, hidden.to(device), block_rotary(model_config).to(device)).cpu()
 
 
-def _solve_task(weight, hessian, spec, block_size, percdamp, act_order, device):
-    from moe.quant import gptq
+def _solve_task(weight, hessian, spec, block_size, percdamp, act_order, eora_rank, device):
+    """GPTQ of one linear; with ``eora_rank`` > 0 also its EoRA correction from the same Hessian."""
+    from moe.quant import eora, gptq
 
     _maybe_die()
     _one_thread()
-    solved = gptq(weight.to(device), hessian.to(device), spec, block_size=block_size, percdamp=percdamp,
-                  act_order=act_order)
+    weight, hessian = weight.to(device), hessian.to(device)
+    solved = gptq(weight, hessian, spec, block_size=block_size, percdamp=percdamp, act_order=act_order)
+    if eora_rank:
+        solved.eora = eora(weight, solved.dequantize(), hessian, eora_rank)
     return solved.to("cpu")
 
 

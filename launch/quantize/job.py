@@ -10,7 +10,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -50,8 +50,13 @@ class QuantizeOptions:
     """EBSS search width w."""
     ebss_tau: float = 1.2
     """EBSS balance weight tau."""
-    experts: Optional[int] = None
-    """Active experts k while calibrating (default: the k saved with the model)."""
+    experts: Optional[Union[int, list[int]]] = None
+    """Active experts k while calibrating (default: the k saved with the model), or a list of
+    distinct ks: the calibration passes run at each and their Hessians are summed (a
+    self-slimmable model served at several ks; :func:`calibration_runs`)."""
+    eora: int = 0
+    """EoRA rank: a rank-r correction B A per quantized linear (not the router) from its GPTQ
+    Hessian, stored with the export (:mod:`moe.quant.eora`); 0: none."""
     seed: int = 0
     """Seed of the random windows and of EBSS's first tokens."""
     shards: int = 4
@@ -70,14 +75,26 @@ class QuantizeOptions:
                 raise UserError(f"--{name} {getattr(self, name)!r} is invalid: expected one of {', '.join(allowed)}")
         QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
         positive = {"ebss_width": self.ebss_width, "shards": self.shards, "block_size": self.block_size}
-        for name, value in {**positive, "num_sequences": self.num_sequences, "seq_len": self.seq_len,
-                            "experts": self.experts}.items():
+        for name, value in {**positive, "num_sequences": self.num_sequences, "seq_len": self.seq_len}.items():
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise UserError(f"--{name.replace('_', '-')} {value!r} is invalid: expected an integer >= 1")
+        if self.experts is not None:
+            check_ks(self.experts)
+        if isinstance(self.eora, bool) or not isinstance(self.eora, int) or self.eora < 0:
+            raise UserError(f"--eora {self.eora!r} is invalid: expected a rank >= 1 (or 0 for none)")
         if not self.ebss_tau > 0 or not 0 <= self.percdamp:
             raise UserError(f"--ebss-tau {self.ebss_tau} must be > 0 and --percdamp {self.percdamp} >= 0")
         if self.method == "rtn" and self.agq:
             raise UserError("--agq weights GPTQ's Hessians by the gates; it needs --method gptq")
+        if self.method == "rtn" and self.eora:
+            raise UserError("--eora needs each linear's calibration activations; it needs --method gptq")
+
+    @property
+    def ks(self) -> Optional[list[int]]:
+        """The calibration ks as a list (None: the k saved with the model)."""
+        if self.experts is None:
+            return None
+        return [self.experts] if isinstance(self.experts, int) else list(self.experts)
 
     @property
     def spec(self):
@@ -89,16 +106,89 @@ class QuantizeOptions:
     def label(self) -> str:
         if self.method == "rtn":
             return "RTN"
-        return "GPTQ" + (" + EBSS" if self.calib == "ebss" else "") + (" + AGQ" if self.agq else "")
+        return ("GPTQ" + (" + EBSS" if self.calib == "ebss" else "") + (" + AGQ" if self.agq else "")
+                + (f" + EoRA r{self.eora}" if self.eora else ""))
 
     def key(self) -> dict:
         """The settings a partial job must share to be resumed."""
         values = asdict(self)
+        if not self.eora:  # as before EoRA existed: older partial jobs still resume
+            values.pop("eora")
         if self.method == "rtn":  # nothing about calibration matters
             for name in ("calib", "agq", "num_sequences", "seq_len", "ebss_width", "ebss_tau", "seed", "shards",
                          "block_size", "percdamp", "act_order"):
                 values.pop(name)
         return values
+
+
+def check_ks(experts, num_experts: Optional[int] = None) -> list[int]:
+    """``--experts`` as a list of ks: one integer, or a non-empty list of distinct integers, each in
+    1..``num_experts`` (the model's largest E, when known). Anything else is one :class:`UserError`."""
+    ks = [experts] if isinstance(experts, int) and not isinstance(experts, bool) else experts
+    shown = ",".join(map(str, ks)) if isinstance(ks, (list, tuple)) else repr(experts)
+    if not isinstance(ks, (list, tuple)) or not ks:
+        raise UserError(f"--experts {shown or repr(experts)} is invalid: expected a k or a list of ks like 2,4,8, got "
+                        f"{'an empty list' if isinstance(ks, (list, tuple)) else type(experts).__name__}")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise UserError(f"--experts {shown} is invalid: k={k!r} is not an integer >= 1")
+        if num_experts is not None and k > num_experts:
+            raise UserError(f"--experts {shown} is invalid: k={k} is outside 1..{num_experts} (the model's number of experts)")
+    repeated = sorted({k for k in ks if ks.count(k) > 1})
+    if repeated:
+        raise UserError(f"--experts {shown} is invalid: k={repeated[0]} is listed twice (the ks must differ)")
+    return list(ks)
+
+
+def parse_experts(text: str) -> Optional[Union[int, list[int]]]:
+    """``--experts`` from the command line: ``"4"`` -> 4 (one k, as always), ``"2,4,8"`` -> [2, 4, 8];
+    checked by :func:`check_ks` (empty, not integers, below 1, repeated: a :class:`UserError`)."""
+    if text is None:
+        return None
+    parts = [part.strip() for part in str(text).split(",")]
+    try:
+        ks = [int(part) for part in parts if part]
+    except ValueError:
+        raise UserError(f"--experts {text!r} is invalid: expected a k or a comma-separated list of ks like 2,4,8") from None
+    if not ks:
+        raise UserError(f"--experts {text!r} is invalid: expected a k or a list of ks like 2,4,8, got an empty list")
+    check_ks(ks)
+    return ks[0] if len(ks) == 1 else ks
+
+
+def calibration_runs(model, options: QuantizeOptions) -> list[list[int]]:
+    """The ks the calibration passes run at, one list of per-MoE-layer ks for each (as
+    :func:`moe.set_active_experts` takes them; a k above a smaller layer's E is that layer's E).
+
+    None or one k: a single pass at the model's current ks (``quantize_model`` has set them).
+    Several ks: one pass each; every block's Hessians (GPTQ's ``sum x x^T``, AGQ's gate-weighted
+    ``sum c x x^T``) are the sums over the passes, each pass running the already-quantized blocks
+    at its own k, so GPTQ minimises the summed output error over the deployments. A k above the
+    model's largest E is a :class:`UserError`."""
+    layers = _moe_layers(model)
+    current = [layer.active_experts for layer in layers]
+    if options.experts is None or isinstance(options.experts, int):
+        return [current]
+    ks = check_ks(options.experts, max(layer.num_experts for layer in layers))
+    return [[min(k, layer.num_experts) for layer in layers] for k in ks]
+
+
+def _block_ks(model, run: list[int]) -> list[int]:
+    """Per block (dense blocks: 1) the k of a calibration pass ``run`` (per MoE layer)."""
+    moe_k = iter(run)
+    return [next(moe_k) if getattr(block.ffn, "active_experts", None) is not None else 1 for block in model.blocks]
+
+
+def check_eora_rank(config, state: dict, rank: int) -> None:
+    """``--eora RANK``: a :class:`UserError` unless 1 <= RANK <= min(out, in) of every linear it
+    corrects (:func:`moe.quant.calibrate.eora_target`)."""
+    from moe.quant.calibrate import all_targets, eora_target, target_weight
+    from moe.quant.eora import check_rank
+
+    shapes = {(t.param, t.expert is not None): target_weight(state, t).shape for t in all_targets(config)
+              if eora_target(t) and t.expert in (None, 0)}
+    (param, _), (out_features, in_features) = min(shapes.items(), key=lambda item: min(item[1]))
+    check_rank(rank, out_features, in_features, param)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,9 +197,18 @@ class QuantizeOptions:
 
 
 def calibration_size(model, options: QuantizeOptions) -> tuple[int, int]:
+    """``(num_sequences, seq_len)``: the options' or :func:`moe.quant.default_calibration_size`'s,
+    sized for the smallest calibration k (the one whose experts see the fewest tokens)."""
+    from moe import set_active_experts
     from moe.quant import default_calibration_size
 
-    num_sequences, seq_len = default_calibration_size(model)
+    runs = calibration_runs(model, options)
+    saved = [layer.active_experts for layer in _moe_layers(model)]
+    set_active_experts(model, min(runs, key=lambda run: run[0]))
+    try:
+        num_sequences, seq_len = default_calibration_size(model)
+    finally:
+        set_active_experts(model, saved)
     num_sequences, seq_len = options.num_sequences or num_sequences, options.seq_len or seq_len
     if seq_len > model.config.max_seq_len:
         raise UserError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
@@ -149,22 +248,35 @@ def make_calibration(model, meta: dict, options: QuantizeOptions, cluster: Optio
     first = ebss_first_tokens(num_sequences, model.config.vocab_size, options.seed)
     config, state = model.config.to_dict(), cluster.put(_state(model))
     k = [layer.active_experts for layer in _moe_layers(model)]
-    refs = [cluster.submit("_ebss_task", config, state, k, first[part], seq_len, options.ebss_width, options.ebss_tau)
+    runs = calibration_runs(model, options)
+    ks = runs if len(runs) > 1 else None  # several ks: the search balances at each (moe.quant.ebss_search)
+    refs = [cluster.submit("_ebss_task", config, state, k, first[part], seq_len, options.ebss_width, options.ebss_tau, ks)
             for part in shard_slices(num_sequences, options.shards)]
     return torch.cat(_gather(cluster, refs, "EBSS", progress))
 
 
-def calibration_sigma(model, input_ids: torch.Tensor, device: str = "cpu") -> float:
+def calibration_sigma(model, input_ids: torch.Tensor, device: str = "cpu", runs: Optional[list] = None) -> float:
     """MoEQuant's expert-balance sigma of the calibration set under ``model``'s routing, measured on
-    ``device`` (a copy of the model goes there; the caller's stays where it is)."""
+    ``device`` (a copy of the model goes there; the caller's stays where it is). ``runs``: several
+    calibration ks (:func:`calibration_runs`): the mean of the sigma at each, as EBSS scores them."""
     import copy
 
-    from moe import moe_layers
+    from moe import moe_layers, set_active_experts
     from moe.quant import expert_balance_sigma, expert_usage
 
     runner = model if torch.device(device) == next(model.parameters()).device else copy.deepcopy(model).to(device)
     widths = [layer.num_experts for _, layer in moe_layers(runner)]
-    return float(expert_balance_sigma(expert_usage(runner, input_ids), widths))
+    if runs is None or len(runs) < 2:
+        return float(expert_balance_sigma(expert_usage(runner, input_ids), widths))
+    saved = [layer.active_experts for _, layer in moe_layers(runner)]
+    sigmas = []
+    try:
+        for run in runs:
+            set_active_experts(runner, run)
+            sigmas.append(float(expert_balance_sigma(expert_usage(runner, input_ids), widths)))
+    finally:
+        set_active_experts(runner, saved)
+    return sum(sigmas) / len(sigmas)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,11 +292,6 @@ def _moe_layers(model):
     from moe import moe_layers
 
     return [layer for _, layer in moe_layers(model)]
-
-
-def _layer_k(model, layer_idx: int) -> int:
-    ffn = model.blocks[layer_idx].ffn
-    return getattr(ffn, "active_experts", 1)
 
 
 def _gather(cluster: Cluster, refs: list, what: str, progress: bool) -> list:
@@ -245,7 +352,7 @@ class Progress:
     def load_block(self, layer_idx: int):
         """``{param: QuantizedWeight or [per expert]}`` of a finished block, or None."""
         from moe.files import load_safetensors, read_safetensors_metadata
-        from moe.quant import QuantizedWeight, QuantSpec, unpack_codes
+        from moe.quant import LowRankCorrection, QuantizedWeight, QuantSpec, unpack_codes
 
         path = self._block_path(layer_idx)
         if not path.exists():
@@ -259,10 +366,15 @@ class Progress:
             for param, entry in entries.items():
                 codes = unpack_codes(tensors[f"{param}.qweight"], spec.bits, entry["in_features"])
                 scales, zeros = tensors[f"{param}.scales"], tensors[f"{param}.zeros"].float()
-                if entry["experts"]:
-                    solved[param] = [QuantizedWeight(c, s, z, spec) for c, s, z in zip(codes, scales, zeros)]
+                if entry.get("eora_rank"):
+                    a, b = tensors[f"{param}.eora_a"], tensors[f"{param}.eora_b"]
+                    eora = [LowRankCorrection(*ab) for ab in zip(a, b)] if entry["experts"] else LowRankCorrection(a, b)
                 else:
-                    solved[param] = QuantizedWeight(codes, scales, zeros, spec)
+                    eora = [None] * len(codes) if entry["experts"] else None
+                if entry["experts"]:
+                    solved[param] = [QuantizedWeight(c, s, z, spec, e) for c, s, z, e in zip(codes, scales, zeros, eora)]
+                else:
+                    solved[param] = QuantizedWeight(codes, scales, zeros, spec, eora)
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{path}: not a finished block of this quantization ({type(err).__name__}: {err}); "
                             "pass --overwrite to start over") from None
@@ -288,13 +400,14 @@ def _atomic_save(tensors: dict, path: Path, metadata: Optional[dict] = None) -> 
 
 
 def _apply(model_state: dict, solved: dict) -> None:
-    """Write the dequantized weights of ``solved`` into the model (through its state dict)."""
+    """Write the weights ``solved`` serves with (dequantized, plus any EoRA correction) into the
+    model (through its state dict): the later blocks calibrate on the model as it will run."""
     from moe.quant.calibrate import Target, set_target_weight
 
     for param, result in solved.items():
         parts = result if isinstance(result, list) else [result]
         for e, part in enumerate(parts):
-            set_target_weight(model_state, Target(param, e if isinstance(result, list) else None, ""), part.dequantize())
+            set_target_weight(model_state, Target(param, e if isinstance(result, list) else None, ""), part.effective())
 
 
 def _collect(solved: dict, targets, results, config) -> None:
@@ -320,6 +433,10 @@ class QuantizeResult:
     resumed_blocks: int = 0
     device: str = "cpu"
     """Where the calibration passes ran."""
+    size_bytes: int = 0
+    """The export's size on disk (packed weights, scales, EoRA factors, the rest in full precision)."""
+    calibration_ks: Optional[list] = None
+    """The k of each calibration pass (a per-layer list where the layers differ); None for RTN."""
 
 
 def quantize_model(
@@ -356,8 +473,8 @@ def _quantize(model_path: str, out: str, options: QuantizeOptions, ray_address, 
     from moe import load_pretrained, set_active_experts
     from moe.pretrained import CONFIG_NAME, WEIGHTS_NAME, write_export
     from moe.quant import rtn
-    from moe.quant.calibrate import all_targets, block_state, merge_hessians, stage_targets, target_weight
-    from moe.quant.storage import QUANT_FORMAT, quantized_state
+    from moe.quant.calibrate import all_targets, block_state, eora_target, merge_hessians, stage_targets, target_weight
+    from moe.quant.storage import QUANT_FORMAT, quantized_state, size_on_disk
 
     start = time.perf_counter()
     target_dir = Path(out).expanduser()
@@ -368,11 +485,16 @@ def _quantize(model_path: str, out: str, options: QuantizeOptions, ray_address, 
     if meta.get("quantization"):
         raise UserError(f"{model_path!r} is already quantized ({meta['quantization'].get('method')}); quantize the full-precision export")
     model = load_pretrained(model_path, device="cpu")  # the driver's copy; the tasks move blocks to the device
-    if options.experts is not None:
-        set_active_experts(model, options.experts)
+    if options.experts is not None:  # the export's k: the one given, or the first of a list
+        check_ks(options.experts, max(layer.num_experts for layer in _moe_layers(model)))
+        set_active_experts(model, options.ks[0])
+    runs = calibration_runs(model, options)
+    run_block_ks = [_block_ks(model, run) for run in runs]  # [pass][block]
     config = model.config
     spec = options.spec
     state = model.state_dict()  # shares storage with the model: writing it writes the model
+    if options.eora:
+        check_eora_rank(config, state, options.eora)
     solved: dict = {}
     sigma = None
     tasks = 0
@@ -391,9 +513,10 @@ def _quantize(model_path: str, out: str, options: QuantizeOptions, ray_address, 
             if input_ids is None:
                 input_ids = calibration if calibration is not None else make_calibration(model, meta, options, cluster, data, progress)
                 job.save_calibration(input_ids)
-            sigma = calibration_sigma(model, input_ids, cluster.device)
+            sigma = calibration_sigma(model, input_ids, cluster.device, runs)
             parts = shard_slices(input_ids.shape[0], options.shards)
-            hidden = [cluster.submit("_embed_task", state["embed.weight"], input_ids[part]) for part in parts]
+            embedded = [cluster.submit("_embed_task", state["embed.weight"], input_ids[part]) for part in parts]
+            hidden = [list(embedded) for _ in runs]  # [pass][shard]: block inputs at each pass's k
             blocks = range(config.num_layers)
             if progress:
                 from tqdm import tqdm
@@ -401,7 +524,6 @@ def _quantize(model_path: str, out: str, options: QuantizeOptions, ray_address, 
                 blocks = tqdm(blocks, desc=f"quantize {options.label} w{options.bits}", unit="block", dynamic_ncols=True)
                 stack.callback(blocks.close)  # closed before a stop's message, not at garbage collection
             for layer_idx in blocks:
-                k = _layer_k(model, layer_idx)
                 block_solved = job.load_block(layer_idx)
                 if block_solved is None:
                     block_solved = {}
@@ -411,11 +533,14 @@ def _quantize(model_path: str, out: str, options: QuantizeOptions, ray_address, 
                             continue
                         block_ref = cluster.put(block_state(model, layer_idx))
                         captured = _gather(cluster, [
-                            cluster.submit("_capture_task", config.to_dict(), layer_idx, block_ref, k, h, stage, options.agq)
-                            for h in hidden], f"block {layer_idx} stage {stage} capture", False)
-                        hessians = merge_hessians(captured)
+                            cluster.submit("_capture_task", config.to_dict(), layer_idx, block_ref, ks[layer_idx], h, stage,
+                                           options.agq)
+                            for ks, shards in zip(run_block_ks, hidden) for h in shards],
+                            f"block {layer_idx} stage {stage} capture", False)
+                        hessians = merge_hessians(captured)  # summed over the shards and the passes' ks
                         refs = [cluster.submit("_solve_task", target_weight(state, t), hessians[t.hessian], spec,
-                                               options.block_size, options.percdamp, options.act_order) for t in targets]
+                                               options.block_size, options.percdamp, options.act_order,
+                                               options.eora if eora_target(t) else 0) for t in targets]
                         stage_solved: dict = {}
                         _collect(stage_solved, targets, _gather(cluster, refs, f"block {layer_idx} stage {stage} solve",
                                                                 progress), config)
@@ -428,7 +553,8 @@ def _quantize(model_path: str, out: str, options: QuantizeOptions, ray_address, 
                 solved.update(block_solved)
                 if layer_idx + 1 < config.num_layers:
                     block_ref = cluster.put(block_state(model, layer_idx))
-                    hidden = [cluster.submit("_advance_task", config.to_dict(), layer_idx, block_ref, k, h) for h in hidden]
+                    hidden = [[cluster.submit("_advance_task", config.to_dict(), layer_idx, block_ref, ks[layer_idx], h)
+                               for h in shards] for ks, shards in zip(run_block_ks, hidden)]
             tasks = cluster.tasks
     if options.method == "rtn":
         _apply(state, solved)
@@ -438,6 +564,8 @@ def _quantize(model_path: str, out: str, options: QuantizeOptions, ray_address, 
         "format": QUANT_FORMAT, "method": options.method, "label": options.label, "spec": spec.to_dict(),
         "options": asdict(options), "tensors": entries, "calibration_sigma": sigma, "ray_tasks": tasks,
         "calibration_device": cluster.device if options.method != "rtn" else None,
+        "calibration_ks": runs if options.method != "rtn" else None,
+        "eora_rank": options.eora or None,
         "wall_s": round(wall, 3), "source": str(Path(model_path).expanduser().resolve()),
     }
     extra = {key: meta[key] for key in ("data", "source") if key in meta}
@@ -445,7 +573,8 @@ def _quantize(model_path: str, out: str, options: QuantizeOptions, ray_address, 
     if options.method != "rtn":
         job.finished()
     return QuantizeResult(str(target_dir), options.label, wall, tasks, sigma, resumed,
-                          cluster.device if options.method != "rtn" else "cpu")
+                          cluster.device if options.method != "rtn" else "cpu", size_on_disk(target_dir),
+                          [run[0] if len(set(run)) == 1 else run for run in runs] if options.method != "rtn" else None)
 
 
 def _model_identity(model_path: str) -> dict:

@@ -150,7 +150,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     splits = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)  # once, before any rank starts
     t = cfg.train
-    check_training_data(splits, t.seq_len, t.micro_batch_size, world_size, t.eval_batches if t.eval_every else 0)
+    check_training_data(splits, t.seq_len, t.micro_batch_size, world_size, validate=bool(t.eval_every))
     with JobLock(cfg.out_dir) as lock:
         if lock.previous:
             _stderr(f"out_dir {cfg.out_dir}: the job that last held it (pid {lock.previous.get('pid')}) ended "

@@ -233,8 +233,8 @@ def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from:
 
     import yaml
 
-    from launch.data import BatchSampler, check_training_data, prepare_corpus
-    from launch.evaluate import evaluate
+    from launch.data import BatchSampler, check_training_data, prepare_corpus, validation_windows
+    from launch.evaluate import evaluate, format_loss
     from moe import (
         LoadMeter,
         MoETransformer,
@@ -273,7 +273,7 @@ def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from:
     if rank != 0:
         splits = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_permille)
     # `moe train` checked this before starting the ranks; a launch without it is checked here, on every rank
-    check_training_data(splits, t.seq_len, t.micro_batch_size, world_size, t.eval_batches if t.eval_every else 0)
+    check_training_data(splits, t.seq_len, t.micro_batch_size, world_size, validate=bool(t.eval_every))
 
     model = MoETransformer(cfg.model)  # same seed on every rank: identical weights and routers
     if t.init is not None and resume_tag is None and resume_source is None:  # a fresh run from an export
@@ -331,13 +331,18 @@ def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from:
     if logs_note:
         logs.write(logs_note)
 
+    windows = validation_windows(splits.val, cfg.data.val_seq_len, cfg.data.val_tokens) if t.eval_every else None
+    if windows is not None:
+        logs.write(f"validation: {windows.describe()}")
+
     def run_validation(step: int) -> dict:
-        result = evaluate(model, splits.val, t.seq_len, t.micro_batch_size, t.eval_batches, rank, world_size)
+        result = evaluate(model, splits.val, windows, t.micro_batch_size, rank, world_size)
         if ep_size > 1:
             exchange_stats(model)  # validation's exchanges are not training traffic
-        logs.record("eval", step, {"val/loss": result["loss"], "val/perplexity": result["perplexity"],
-                                   "val/max_vio": result["max_vio"]}, {"val_tokens": result["tokens"]})
-        logs.write(f"step {step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+        logs.record("eval", step, {"val/loss": result["loss"], "val/loss_stderr": result["loss_stderr"],
+                                   "val/perplexity": result["perplexity"], "val/max_vio": result["max_vio"]},
+                    {"val_tokens": result["tokens"], "val_windows": result["windows"]})
+        logs.write(f"step {step}: val loss {format_loss(result)}, perplexity {result['perplexity']:.2f}, "
                    f"MaxVio {result['max_vio']:.3f} over {result['tokens']:,} tokens")
         return result
 
@@ -501,6 +506,9 @@ def _log_train(logs, engine, window, meter, layers, ks, step, tokens_per_step, m
     for i, (name, load) in enumerate(layer_loads.items()):
         scalars[f"max_vio/{name}"] = max_vio[name]
         scalars[f"k/{name}"] = float(ks[i])
+        bias = layers[name].router.expert_bias
+        if bias is not None:  # how far the balancing bias has moved: max - min over experts
+            scalars[f"bias_range/{name}"] = float(bias.max() - bias.min())
         share = load / load.sum().clamp_min(1)
         for expert, value in enumerate(share.tolist()):
             scalars[f"load/{name}/expert_{expert:03d}"] = value

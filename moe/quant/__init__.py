@@ -1,5 +1,5 @@
 """MoE-aware weight quantization in pure torch: round-to-nearest, GPTQ, MoEQuant's AGQ Hessian and
-EBSS calibration sampling, packed storage, and the layer-by-layer calibration steps
+EBSS calibration sampling, EoRA's low-rank compensation, packed storage, and the layer-by-layer calibration steps
 (:mod:`moe.quant.calibrate`) that ``launch.quantize`` spreads over Ray.
 
 Weight convention: a linear weight ``W [out, in]`` (``nn.Linear.weight``), ``y = x @ W.T``.
@@ -22,6 +22,7 @@ from moe.quant.ebss import (
     expert_usage,
     random_windows,
 )
+from moe.quant.eora import LowRankCorrection, eora, eora_factors
 from moe.quant.gptq import Hessian, gptq, layer_output_error
 from moe.quant.pack import container_bits, pack_codes, packed_size, unpack_codes
 from moe.quant.quantizer import (
@@ -43,10 +44,13 @@ __all__ = [
     "expert_usage",
     "random_windows",
     "Hessian",
+    "LowRankCorrection",
     "QuantSpec",
     "QuantizedWeight",
     "container_bits",
     "dequantize_codes",
+    "eora",
+    "eora_factors",
     "gptq",
     "group_bounds",
     "layer_output_error",

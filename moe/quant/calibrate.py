@@ -51,6 +51,14 @@ class Target:
         return self.param if self.expert is None else f"{self.param}[{self.expert}]"
 
 
+def eora_target(target: Target) -> bool:
+    """Whether EoRA (``moe.quant.eora``) corrects ``target``: every quantized linear but the router.
+    The router is ``[E, d]`` with E often no larger than the rank, where a rank-r correction is the
+    full-precision router stored in a larger form; its quantization error is what AGQ already
+    accounts for, by recording the experts' routing with the quantized router."""
+    return target.hessian != "router"
+
+
 def block_prefix(layer_idx: int) -> str:
     return f"blocks.{layer_idx}."
 

@@ -29,6 +29,9 @@ over all (branch, v) pairs survive (Eq. 14; the paper writes arg max, but the sc
 minimising it is the reading consistent with Eq. 10), until the sequence is ``seq_len`` long; the
 lowest-scoring final branch is the output.
 
+Several ks (a self-slimmable model served at more than one k): the score averages both terms over
+the ks, ``mean_k NLL_k + mean_k sigma_k / tau`` (:func:`ebss_search`).
+
 Implementation: all branches of all sequences form one batch of ``num_sequences * width`` rows
 that decodes with a KV cache, so a step costs one position per branch. When branches are selected
 the caches, the usage counts ``[L, E]`` of each branch (updated from each MoE layer's
@@ -45,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -54,6 +57,7 @@ from torch import nn
 from moe.errors import UserError
 from moe.metrics import moe_layers
 from moe.model import KVCache
+from moe.runtime import set_active_experts
 
 __all__ = [
     "EBSSResult",
@@ -194,13 +198,14 @@ class EBSSResult:
     tokens: torch.Tensor
     """[N, seq_len] int64 token ids (CPU)."""
     log_likelihood: torch.Tensor
-    """[N] float64: R_S of the returned sequence, sum over tokens 2.. of log P(token | prefix)."""
+    """[N] float64: R_S of the returned sequence, sum over tokens 2.. of log P(token | prefix) (with
+    several ks, the mean over the ks of that sum)."""
     score: torch.Tensor
     """[N] float64: the Eq. 13 score with which the last token was chosen (for seq_len 1, sigma/tau
     of the first token's usage)."""
     parent_sigma: torch.Tensor
     """[N] float64: sigma (Eq. 3-4) of the returned sequence without its last token (the term in
-    ``score``; the first token alone when seq_len is 1)."""
+    ``score``; the first token alone when seq_len is 1; with several ks, the mean over the ks)."""
     branches: torch.Tensor
     """[N, width, seq_len] int64: every final branch of each sequence, best first (``tokens`` is
     ``branches[:, 0]``); for seq_len 1 the ``width`` copies of the first token."""
@@ -217,9 +222,19 @@ def ebss_search(
     first_tokens: Optional[torch.Tensor] = None,
     seed: int = 0,
     progress: Optional[Callable[[int, int], None]] = None,
+    ks: Optional[Sequence[Union[int, Sequence[int]]]] = None,
 ) -> EBSSResult:
     """:func:`ebss_generate` with the score, the log-likelihood and the parent's sigma of each
-    returned sequence (what the tests check against a naive recomputation)."""
+    returned sequence (what the tests check against a naive recomputation).
+
+    ``ks``: the active-expert counts the data must serve (each one k for every layer, or a list of
+    one k per layer, as :func:`moe.set_active_experts` takes); None: the model's current k. With
+    several, every branch is decoded at each k (one KV cache and one usage count per k) and the
+    Eq. 13 score uses the mean over the ks of its two terms: the mean log-likelihood
+    ``R_S = mean_k sum_t log P_k(S_t | S_<t)`` and the mean balance ``mean_k sigma_k(S)``. That is
+    Eq. 10's objective averaged over the deployments, ``mean_k [NLL_k + sigma_k / tau]``: a set
+    fluent and balanced at every listed k, with tau meaning what it means at one k (a sum would
+    scale it by the number of ks). The model's ks are restored afterwards."""
     config = model.config
     vocab_size, max_seq_len = config.vocab_size, config.max_seq_len
     _check_positive("num_sequences", num_sequences)
@@ -249,53 +264,75 @@ def ebss_search(
     inverse_tau = 0.0 if math.isinf(tau) else 1.0 / tau
 
     widths = [layer.num_experts for layer in layers]  # per layer: they may differ (PR-MoE)
+    runs = [None] if ks is None else list(ks)  # None: the model's current k, left untouched
+    if not runs:
+        raise UserError("ks is empty: expected at least one active-expert count")
+    saved_ks = [layer.active_experts for layer in layers]
 
     def usage_of_last_forward() -> torch.Tensor:  # [rows, L, max E]
         return torch.stack([_assignment_counts(layer, max(widths)) for layer in layers], dim=1)
 
-    with _EvalNoGrad(model):
-        tokens = first_tokens.to(device=device, dtype=torch.int64).repeat_interleave(width).unsqueeze(1)  # [rows, 1]
-        cache = KVCache(len(model.blocks))
-        logits = model(tokens, cache=cache)[:, -1].float()  # [rows, V]
-        usage = usage_of_last_forward()  # [rows, L, E], the first token's
-        log_likelihood = torch.zeros(rows, dtype=torch.float64, device=device)  # R_S
-        parent_sigma = _sigma_rows(usage, widths)
-        best_score = parent_sigma * inverse_tau
-        if progress is not None:
-            progress(1, seq_len)
-        for length in range(1, seq_len):  # every branch has `length` tokens
-            log_probs = torch.log_softmax(logits, dim=-1).double()  # [rows, V]
-            parent_sigma = _sigma_rows(usage, widths)  # [rows]
-            scores = (log_likelihood.unsqueeze(1) + log_probs) / -(length + 1) + (parent_sigma * inverse_tau).unsqueeze(1)
-            scores = scores.view(num_sequences, width, vocab_size)
-            if length == 1 and width > 1:  # the branches are one and the same token: expand only the first
-                scores[:, 1:] = math.inf
-            best_score, chosen = _lowest(scores.view(num_sequences, width * vocab_size), width)  # [N, w]
-            parent = (chosen // vocab_size + row_offset).flatten()  # [rows]
-            new_token = (chosen % vocab_size).flatten()  # [rows]
-            log_likelihood = log_likelihood[parent] + log_probs[parent, new_token]
-            parent_sigma = parent_sigma[parent]
-            usage = usage[parent]
-            tokens = torch.cat([tokens[parent], new_token.unsqueeze(1)], dim=1)
-            if length + 1 < seq_len:
-                if width > 1:
-                    for layer_cache in cache.layers:
-                        layer_cache.keys = layer_cache.keys.index_select(0, parent)
-                        layer_cache.values = layer_cache.values.index_select(0, parent)
-                logits = model(new_token.unsqueeze(1), cache=cache)[:, -1].float()
-                usage += usage_of_last_forward()
+    def forward(run: int, input_ids: torch.Tensor) -> torch.Tensor:  # [rows, V], at run's k
+        if runs[run] is not None:
+            set_active_experts(model, runs[run])
+        return model(input_ids, cache=caches[run])[:, -1].float()
+
+    def mean_over_runs(values: list) -> torch.Tensor:
+        return values[0] if len(values) == 1 else torch.stack(values).mean(dim=0)
+
+    def balance() -> torch.Tensor:  # [rows]: sigma of each branch, averaged over the ks
+        return mean_over_runs([_sigma_rows(u, widths) for u in usage])
+
+    try:
+        with _EvalNoGrad(model):
+            tokens = first_tokens.to(device=device, dtype=torch.int64).repeat_interleave(width).unsqueeze(1)  # [rows, 1]
+            caches = [KVCache(len(model.blocks)) for _ in runs]
+            logits, usage = [], []  # per k: [rows, V], [rows, L, E] (the first token's usage)
+            for run in range(len(runs)):
+                logits.append(forward(run, tokens))
+                usage.append(usage_of_last_forward())
+            log_likelihood = torch.zeros(rows, dtype=torch.float64, device=device)  # R_S
+            parent_sigma = balance()
+            best_score = parent_sigma * inverse_tau
             if progress is not None:
-                progress(length + 1, seq_len)
-        branch_scores = best_score.reshape(num_sequences, width).double().cpu()
-        first_of_each = torch.arange(num_sequences, device=device) * width  # the lowest score of each sequence
-        return EBSSResult(
-            tokens=tokens[first_of_each].cpu(),
-            log_likelihood=log_likelihood[first_of_each].cpu(),
-            score=branch_scores[:, 0].clone(),
-            parent_sigma=parent_sigma[first_of_each].cpu(),
-            branches=tokens.view(num_sequences, width, -1).cpu(),
-            branch_scores=branch_scores.clone(),
-        )
+                progress(1, seq_len)
+            for length in range(1, seq_len):  # every branch has `length` tokens
+                log_probs = mean_over_runs([torch.log_softmax(lg, dim=-1).double() for lg in logits])  # [rows, V]
+                parent_sigma = balance()  # [rows]
+                scores = (log_likelihood.unsqueeze(1) + log_probs) / -(length + 1) + (parent_sigma * inverse_tau).unsqueeze(1)
+                scores = scores.view(num_sequences, width, vocab_size)
+                if length == 1 and width > 1:  # the branches are one and the same token: expand only the first
+                    scores[:, 1:] = math.inf
+                best_score, chosen = _lowest(scores.view(num_sequences, width * vocab_size), width)  # [N, w]
+                parent = (chosen // vocab_size + row_offset).flatten()  # [rows]
+                new_token = (chosen % vocab_size).flatten()  # [rows]
+                log_likelihood = log_likelihood[parent] + log_probs[parent, new_token]
+                parent_sigma = parent_sigma[parent]
+                usage = [u[parent] for u in usage]
+                tokens = torch.cat([tokens[parent], new_token.unsqueeze(1)], dim=1)
+                if length + 1 < seq_len:
+                    for run, cache in enumerate(caches):
+                        if width > 1:
+                            for layer_cache in cache.layers:
+                                layer_cache.keys = layer_cache.keys.index_select(0, parent)
+                                layer_cache.values = layer_cache.values.index_select(0, parent)
+                        logits[run] = forward(run, new_token.unsqueeze(1))
+                        usage[run] += usage_of_last_forward()
+                if progress is not None:
+                    progress(length + 1, seq_len)
+    finally:
+        if ks is not None:
+            set_active_experts(model, saved_ks)
+    branch_scores = best_score.reshape(num_sequences, width).double().cpu()
+    first_of_each = torch.arange(num_sequences, device=device) * width  # the lowest score of each sequence
+    return EBSSResult(
+        tokens=tokens[first_of_each].cpu(),
+        log_likelihood=log_likelihood[first_of_each].cpu(),
+        score=branch_scores[:, 0].clone(),
+        parent_sigma=parent_sigma[first_of_each].cpu(),
+        branches=tokens.view(num_sequences, width, -1).cpu(),
+        branch_scores=branch_scores.clone(),
+    )
 
 
 def ebss_generate(
@@ -307,6 +344,7 @@ def ebss_generate(
     first_tokens: Optional[torch.Tensor] = None,
     seed: int = 0,
     progress: Optional[Callable[[int, int], None]] = None,
+    ks: Optional[Sequence[Union[int, Sequence[int]]]] = None,
 ) -> torch.Tensor:
     """``[num_sequences, seq_len]`` int64 calibration sequences written by ``model`` itself with
     Expert-Balanced Self-Sampling (module docstring; paper defaults ``width`` 4, ``tau`` 1.2).
@@ -314,10 +352,11 @@ def ebss_generate(
     ``first_tokens [num_sequences]``: the first token of each sequence (default
     :func:`ebss_first_tokens` with ``seed``). The search is deterministic and a sequence depends
     only on its first token, so shards of a job may split ``first_tokens`` between them. The model
-    runs at its current k, in eval mode, without autograd. ``progress(step, total)`` is called
-    after each of the ``seq_len`` positions.
+    runs at its current k (or at each of ``ks``, the score averaged over them: :func:`ebss_search`),
+    in eval mode, without autograd. ``progress(step, total)`` is called after each of the
+    ``seq_len`` positions.
     """
-    return ebss_search(model, num_sequences, seq_len, width, tau, first_tokens, seed, progress).tokens
+    return ebss_search(model, num_sequences, seq_len, width, tau, first_tokens, seed, progress, ks).tokens
 
 
 def random_windows(tokens, num_sequences: int, seq_len: int, seed: int) -> torch.Tensor:

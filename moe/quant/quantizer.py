@@ -20,7 +20,7 @@ A row (group) that is all zeros gets the scale it would have with ``max|w| = 1``
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -136,12 +136,15 @@ class QuantizedWeight:
     ``codes`` uint8 ``[out, in]`` (unpacked, one code per element), ``scales`` fp32 ``[out, G]``,
     ``zeros`` fp32 ``[out, G]`` (integer valued), ``spec`` the :class:`QuantSpec` used. Column ``j``
     uses ``scales[:, j // group_size]`` (``G = 1`` and group 0 when ``group_size == -1``).
+    ``eora``: an optional low-rank correction (:class:`moe.quant.eora.LowRankCorrection`) that the
+    served weight adds to the grid values (:meth:`effective`); :meth:`dequantize` never includes it.
     """
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     spec: QuantSpec
+    eora: Optional[Any] = None
 
     def __post_init__(self) -> None:
         if self.codes.dim() != 2 or self.codes.dtype != torch.uint8:
@@ -163,7 +166,7 @@ class QuantizedWeight:
     def to(self, device) -> "QuantizedWeight":
         """The same weight with its tensors on ``device``."""
         return replace(self, codes=self.codes.to(device), scales=self.scales.to(device),
-                                   zeros=self.zeros.to(device))
+                       zeros=self.zeros.to(device), eora=None if self.eora is None else self.eora.to(device))
 
     def group_of_column(self, column: int) -> int:
         """Group index of input column ``column``."""
@@ -178,6 +181,12 @@ class QuantizedWeight:
         """The quantized weight as fp32 ``[out, in]``."""
         scale, zero = self.column_scales_zeros()
         return dequantize_codes(self.codes, scale, zero)
+
+    def effective(self) -> torch.Tensor:
+        """The weight the model computes with, fp32 ``[out, in]``: :meth:`dequantize` plus the EoRA
+        correction ``B @ A`` when there is one."""
+        weight = self.dequantize()
+        return weight if self.eora is None else weight + self.eora.delta().to(weight.device)
 
 
 def group_bounds(in_features: int, spec: QuantSpec) -> list[tuple[int, int]]:

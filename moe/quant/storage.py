@@ -12,6 +12,11 @@ value = scale * (code - zero). A plain linear ``P [out, in]`` stores ``[out, ...
 expert tensor (``w1 [E, d, f]``, used as ``x @ w1[e]``) stores each expert as the linear
 ``w1[e].T [f, d]``, stacked: ``[E, f, ...]``. ``config.json`` gets a ``quantization`` entry with the
 spec, the method and calibration settings, and the list of quantized parameters.
+
+With EoRA (:mod:`moe.quant.eora`) a parameter also stores its rank-r correction, float16:
+``P.eora_a [(E,) r, in]`` and ``P.eora_b [(E,) out, r]`` (per expert for stacked tensors), and its
+entry says ``eora_rank``. Loading folds the correction into the weight once:
+``W = scale * (code - zero) + eora_b @ eora_a``, so the model's forward is the ordinary dense one.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Mapping, Optional
 import torch
 
 from moe.errors import UserError
+from moe.quant.eora import LowRankCorrection
 from moe.quant.pack import pack_codes, packed_size, unpack_codes
 from moe.quant.quantizer import QuantizedWeight, QuantSpec
 
@@ -35,11 +41,24 @@ def quantized_tensors(param: str, parts: list[QuantizedWeight], experts: bool) -
     codes = torch.stack([p.codes for p in parts]) if experts else parts[0].codes  # [(E,) out, in]
     scales = torch.stack([p.scales for p in parts]) if experts else parts[0].scales  # [(E,) out, G]
     zeros = torch.stack([p.zeros for p in parts]) if experts else parts[0].zeros
-    return {
+    tensors = {
         f"{param}.qweight": pack_codes(codes.to(torch.uint8), spec.bits).contiguous(),
         f"{param}.scales": scales.float().contiguous(),
         f"{param}.zeros": zeros.round().to(torch.uint8).contiguous(),
     }
+    corrections = [p.eora for p in parts]
+    if any(c is not None for c in corrections):
+        if any(c is None for c in corrections) or len({c.rank for c in corrections}) != 1:
+            raise ValueError(f"{param}: every expert needs an EoRA correction of the same rank, or none")
+        for name in ("a", "b"):
+            factors = [getattr(c, name) for c in corrections]
+            tensors[f"{param}.eora_{name}"] = (torch.stack(factors) if experts else factors[0]).contiguous()
+    return tensors
+
+
+def eora_rank(parts: list[QuantizedWeight]) -> Optional[int]:
+    """The rank of the parts' EoRA corrections, or None without."""
+    return parts[0].eora.rank if parts[0].eora is not None else None
 
 
 def quantized_state(
@@ -56,6 +75,8 @@ def quantized_state(
         out_features, in_features = parts[0].shape
         entries[param] = {"experts": len(parts) if experts else None, "out_features": out_features,
                           "in_features": in_features}
+        if eora_rank(parts) is not None:
+            entries[param]["eora_rank"] = eora_rank(parts)
     return state, entries
 
 
@@ -84,6 +105,10 @@ def read_quantization(meta, config: Optional[os.PathLike] = None) -> tuple[Quant
             if not (key == "experts" and value is None) and (type(value) is not int or value < 1):
                 allowed = "null or an integer >= 1" if key == "experts" else "an integer >= 1"
                 raise UserError(f"{where}quantization.tensors[{param!r}].{key}={value!r} is invalid: expected {allowed}")
+        rank = entry.get("eora_rank")
+        if rank is not None and (type(rank) is not int or not 1 <= rank <= min(entry["out_features"], entry["in_features"])):
+            raise UserError(f"{where}quantization.tensors[{param!r}].eora_rank={rank!r} is invalid: expected an "
+                            f"integer in 1..min(out_features, in_features)")
     return spec, dict(entries)
 
 
@@ -104,6 +129,17 @@ def _check_packed(param: str, parts: tuple, entry: Mapping, spec: QuantSpec, whe
                             f"group_size={spec.group_size})")
 
 
+def _check_eora(param: str, parts: tuple, entry: Mapping, where: str, config: str) -> None:
+    """``param``'s EoRA factors have the shapes its entry says (floating point)."""
+    lead = (entry["experts"],) if entry["experts"] else ()
+    rank = entry["eora_rank"]
+    wanted = {"eora_a": lead + (rank, entry["in_features"]), "eora_b": lead + (entry["out_features"], rank)}
+    for (part, shape), tensor in zip(wanted.items(), parts):
+        if tuple(tensor.shape) != shape or not tensor.dtype.is_floating_point:
+            raise UserError(f"{where}{param}.{part} is {tensor.dtype} {tuple(tensor.shape)}; the quantization entry "
+                            f"of {param!r}{config} needs floating point {shape} (eora_rank={rank})")
+
+
 def dequantize_state(state: dict[str, torch.Tensor], meta: Mapping, source: Optional[os.PathLike] = None,
                      config: Optional[os.PathLike] = None) -> dict:
     """``state`` with every quantized parameter turned back into an fp32 weight of its usual shape.
@@ -122,11 +158,24 @@ def dequantize_state(state: dict[str, torch.Tensor], meta: Mapping, source: Opti
             raise UserError(f"{where}quantized parameter {param!r} lacks its {err.args[0]!r} tensor") from None
         _check_packed(param, (packed, scales, zeros), entry, spec, where, in_config)
         codes = unpack_codes(packed, spec.bits, entry["in_features"])  # [(E,) out, in]
+        corrections = None
+        if entry.get("eora_rank") is not None:
+            try:
+                factors = tuple(state.pop(f"{param}.{part}") for part in ("eora_a", "eora_b"))
+            except KeyError as err:
+                raise UserError(f"{where}quantized parameter {param!r} lacks its {err.args[0]!r} tensor") from None
+            _check_eora(param, factors, entry, where, in_config)
+            if entry["experts"]:
+                corrections = [LowRankCorrection(a, b) for a, b in zip(*factors)]
+            else:
+                corrections = LowRankCorrection(*factors)
         if entry["experts"]:
-            weight = torch.stack([QuantizedWeight(c, s, z.float(), spec).dequantize() for c, s, z in zip(codes, scales, zeros)])
+            parts = [QuantizedWeight(c, s, z.float(), spec, corrections[e] if corrections else None)
+                     for e, (c, s, z) in enumerate(zip(codes, scales, zeros))]
+            weight = torch.stack([part.effective() for part in parts])
             state[param] = weight.transpose(1, 2).contiguous()  # [E, in, out], as the experts hold it
         else:
-            state[param] = QuantizedWeight(codes, scales, zeros.float(), spec).dequantize()
+            state[param] = QuantizedWeight(codes, scales, zeros.float(), spec, corrections).effective()
     return state
 
 

@@ -183,13 +183,19 @@ def test_auto_path_note_names_choose_backends_answer():
 
 def test_bench_ep_counts_the_bytes_the_formula_predicts(tmp_path, capsys):
     """`moe bench ep` on 2 real ranks: EP=1 exchanges nothing; at EP=2 the bytes the dispatcher
-    counted match 4 L T k d b (P-1)/P (random tokens route near-uniformly; 10% slack)."""
+    counted match 4 L T k d b (P-1)/P (random tokens route near-uniformly; 10% slack); the
+    overlapped rows (2 chunks) send the same bytes and give the serial path's loss and gradients."""
     from launch.cli import main
 
     report_path = tmp_path / "ep.json"
-    assert main(["bench", "ep", "--steps", "1", "--warmup", "0", "--json", str(report_path)]) == 0
+    assert main(["bench", "ep", "--steps", "1", "--warmup", "0", "--chunks", "2", "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
-    rows = {(r["config"], r["ep"]): r for r in report["results"]}
+    overlapped = [r for r in report["results"] if r.get("chunks", 1) > 1]
+    assert {(r["config"], r["ep"], r["chunks"]) for r in overlapped} == {("tiny", 2, 2), ("fine-grained", 2, 2)}
+    for row in overlapped:
+        assert 0.9 < row["mb_sent"] / row["formula_mb"] < 1.1 and row["loss_diff"] <= 1e-6 and row["grad_diff"] <= 1e-6, row
+        assert 0 <= row["blocked_ms"] <= row["step_ms"]
+    rows = {(r["config"], r["ep"]): r for r in report["results"] if r.get("chunks", 1) == 1}
     assert set(rows) == {("tiny", 1), ("tiny", 2), ("fine-grained", 1), ("fine-grained", 2)}
     for (_, ep), row in rows.items():
         assert row["step_ms"] > 0

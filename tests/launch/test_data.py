@@ -16,6 +16,7 @@ from launch.data import (
     list_documents,
     prepare_corpus,
     validation_batches,
+    validation_windows,
 )
 
 
@@ -117,11 +118,40 @@ def test_sampler_is_deterministic_per_rank_and_resumes():
 
 def test_validation_windows_are_fixed_and_split_over_ranks():
     tokens = (np.arange(1000) % 200).astype(np.uint8)
-    whole = torch.cat([x for x, _ in validation_batches(tokens, 10, 4, max_batches=100)])
-    per_rank = [torch.cat([x for x, _ in validation_batches(tokens, 10, 4, 100, rank=r, world_size=2)]) for r in (0, 1)]
-    assert whole.shape[0] == 99
-    # every rank gets as many windows (98 of the 99: expert-parallel ranks exchange in every forward)
-    assert per_rank[0].shape[0] == per_rank[1].shape[0] == 49
-    assert torch.equal(torch.sort(torch.cat(per_rank)[:, 0]).values, torch.sort(whole[:98, 0]).values)
-    batches = [len(list(validation_batches(tokens, 10, 4, 100, rank=r, world_size=2))) for r in (0, 1)]
-    assert batches[0] == batches[1] == 13
+    windows = validation_windows(tokens, 10, val_tokens=400)
+    whole = torch.cat([x for x, _, _ in validation_batches(tokens, windows, 4)])
+    assert whole.shape[0] == windows.count == 40
+    per_rank = [list(validation_batches(tokens, windows, 4, rank=r, world_size=3)) for r in range(3)]
+    # 40 windows over 3 ranks: 14, 13, 13, in 4, 4, 4 batches (every rank runs as many forwards)
+    assert [len(b) for b in per_rank] == [4, 4, 4]
+    assert [sum(int((ids >= 0).sum()) for _, _, ids in b) for b in per_rank] == [14, 13, 13]
+    by_id = {int(i): x[j] for b in per_rank for x, _, ids in b for j, i in enumerate(ids) if i >= 0}
+    assert torch.equal(torch.stack([by_id[i] for i in range(40)]), whole)
+    # a rank with one batch fewer ends with a padding batch of one window, ids -1
+    per_rank = [list(validation_batches(tokens, windows, 13, rank=r, world_size=3)) for r in range(3)]
+    assert [len(b) for b in per_rank] == [2, 2, 2] and per_rank[1][-1][2].tolist() == [-1]
+
+
+def test_validation_windows_cover_the_whole_split_evenly_whatever_reads_them():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 256, size=50_000).astype(np.uint8)
+    separators = np.sort(rng.choice(np.arange(1, 49_999), size=300, replace=False))
+    tokens[separators] = 0
+    windows = validation_windows(tokens, 64, val_tokens=64 * 100)
+    starts = windows.starts.tolist()
+    assert len(starts) == 100 and starts[0] == 0 and starts[-1] == len(tokens) - 65  # first to last possible start
+    gaps = np.diff(starts)
+    assert gaps.min() >= 64 and gaps.max() - gaps.min() <= 1  # even, and no predicted token read twice
+    # documents touched, counted naively: a separator belongs to the document before it
+    doc_of, doc = [], 0
+    for token in tokens.tolist():
+        doc_of.append(doc)
+        doc += token == 0
+    touched = {doc_of[i] for s in starts for i in range(s, s + 65)}
+    assert windows.documents == len(touched) and windows.total_documents == 301
+    assert f"touching {len(touched)} of its 301 documents" in windows.describe()
+    # asking for more than fits gives the windows that fit, never overlapping predictions
+    many = validation_windows(tokens, 64, val_tokens=10**9)
+    assert many.count == (len(tokens) - 1) // 64 and np.diff(many.starts).min() >= 64
+    with pytest.raises(DataError, match="a window of seq_len"):
+        validation_windows(tokens[:64], 64)

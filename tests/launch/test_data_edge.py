@@ -22,6 +22,7 @@ from launch.data import (
     list_documents,
     prepare_corpus,
     validation_batches,
+    validation_windows,
 )
 
 
@@ -173,7 +174,7 @@ def splits_of(num_train: int, num_val: int) -> TokenSplits:
 
 def test_check_training_data_rejects_a_training_split_shorter_than_two_windows():
     with pytest.raises(DataError) as err:
-        check_training_data(splits_of(17, 1000), seq_len=16, micro_batch_size=4, world_size=1, eval_batches=8)
+        check_training_data(splits_of(17, 1000), seq_len=16, micro_batch_size=4, world_size=1)
     message = str(err.value)
     assert "training split of 'corpus.txt' has 17 tokens" in message and "at least 18" in message
     assert "train.seq_len=16" in message and "\n" not in message
@@ -181,46 +182,48 @@ def test_check_training_data_rejects_a_training_split_shorter_than_two_windows()
 
 def test_check_training_data_rejects_a_validation_split_shorter_than_one_window():
     with pytest.raises(DataError) as err:
-        check_training_data(splits_of(1000, 16), seq_len=16, micro_batch_size=4, world_size=1, eval_batches=8)
+        check_training_data(splits_of(1000, 16), seq_len=16, micro_batch_size=4, world_size=1)
     message = str(err.value)
     assert "validation split of 'corpus.txt' has 16 tokens" in message and "nothing to evaluate" in message
     assert "17 tokens is needed" in message and "\n" not in message
 
 
-def test_check_training_data_rejects_fewer_validation_windows_than_ranks():
-    # 4 * 16 tokens hold (64 - 1) // 16 = 3 windows: one of 4 ranks would have none
-    with pytest.raises(DataError) as err:
-        check_training_data(splits_of(1000, 64), seq_len=16, micro_batch_size=4, world_size=4, eval_batches=8)
-    message = str(err.value)
-    assert "has 64 tokens" in message and "3 window(s)" in message and "4 ranks" in message
-    assert "65 tokens are needed" in message and "\n" not in message
-
-
 def test_without_evaluation_only_the_training_split_is_checked():
-    check_training_data(splits_of(18, 1), seq_len=16, micro_batch_size=4, world_size=4, eval_batches=0)
+    check_training_data(splits_of(18, 1), seq_len=16, micro_batch_size=4, world_size=4, validate=False)
+
+
+def _run_validation_everywhere(splits, seq_len, batch_size, world_size, val_tokens):
+    """Every rank's batches: each window exactly once over the ranks, and as many forwards on each."""
+    windows = validation_windows(splits.val, seq_len, val_tokens)
+    per_rank = [list(validation_batches(splits.val, windows, batch_size, rank, world_size)) for rank in range(world_size)]
+    assert len({len(batches) for batches in per_rank}) == 1  # expert-parallel ranks exchange in every forward
+    ids = sorted(int(i) for batches in per_rank for _, _, ids in batches for i in ids if i >= 0)
+    assert ids == list(range(windows.count))
+    for batches in per_rank:
+        for x, y, _ in batches:
+            assert x.shape == y.shape and x.shape[1] == seq_len
+    return windows
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_a_corpus_just_large_enough_passes_and_then_trains_and_evaluates(world_size):
-    seq_len, batch_size, eval_batches = 16, 4, 8
-    splits = splits_of(seq_len + 2, world_size * seq_len + 1)
-    check_training_data(splits, seq_len, batch_size, world_size, eval_batches)
+    seq_len, batch_size = 16, 4
+    splits = splits_of(seq_len + 2, seq_len + 1)
+    check_training_data(splits, seq_len, batch_size, world_size)
     for rank in range(world_size):
         x, y = next(BatchSampler(splits.train, seq_len, batch_size, rank, world_size, seed=1))
         assert x.shape == y.shape == (batch_size, seq_len)
-    per_rank = [list(validation_batches(splits.val, seq_len, batch_size, eval_batches, rank, world_size))
-                for rank in range(world_size)]
-    assert all(len(batches) == 1 and batches[0][0].shape == (1, seq_len) for batches in per_rank)
+    assert _run_validation_everywhere(splits, seq_len, batch_size, world_size, 1000).count == 1
 
 
 def test_whatever_passes_the_check_works_in_every_rank():
-    seq_len, batch_size, eval_batches = 5, 2, 3
+    seq_len, batch_size = 5, 2
     for world_size in (1, 2, 3, 4):
         for num_train in range(seq_len, seq_len + 4):
             for num_val in range(1, world_size * seq_len + 4):
                 splits = splits_of(num_train, num_val)
                 try:
-                    check_training_data(splits, seq_len, batch_size, world_size, eval_batches)
+                    check_training_data(splits, seq_len, batch_size, world_size)
                 except DataError:
                     ok = False
                 else:
@@ -229,23 +232,24 @@ def test_whatever_passes_the_check_works_in_every_rank():
                 if works:
                     for rank in range(world_size):
                         next(BatchSampler(splits.train, seq_len, batch_size, rank, world_size))
-                counts = [sum(x.shape[0] for x, _ in validation_batches(splits.val, seq_len, batch_size, eval_batches,
-                                                                       rank, world_size)) for rank in range(world_size)]
-                works = works and len(set(counts)) == 1 and counts[0] >= 1
-                assert ok == works, (world_size, num_train, num_val, counts)
+                try:
+                    _run_validation_everywhere(splits, seq_len, batch_size, world_size, 3 * seq_len)
+                except DataError:
+                    works = False
+                assert ok == works, (world_size, num_train, num_val)
 
 
 def test_a_real_single_file_just_large_enough(tmp_path):
-    # 34 bytes at 50%: 17 for training (>= 8 + 2) and 17 = 2 * 8 + 1 for validation on 2 ranks
+    # 34 bytes at 50%: 17 for training (>= 8 + 2) and 17 >= 8 + 1 for validation
     path = tmp_path / "small.txt"
     path.write_bytes(b"abcdefghijklmnopqrstuvwxyz01234567")
     splits = prepare_corpus(str(path), tmp_path / "cache", val_permille=500)
     assert (len(splits.train), len(splits.val)) == (17, 17)
-    check_training_data(splits, seq_len=8, micro_batch_size=2, world_size=2, eval_batches=4)
-    counts = [len(list(validation_batches(splits.val, 8, 2, 4, rank, 2))) for rank in (0, 1)]
-    assert counts == [1, 1]
-    with pytest.raises(DataError, match=f"validation split of {str(path)!r} has 17 tokens"):
-        check_training_data(splits, seq_len=8, micro_batch_size=2, world_size=3, eval_batches=4)
+    check_training_data(splits, seq_len=8, micro_batch_size=2, world_size=3)
+    assert _run_validation_everywhere(splits, 8, 2, 3, 1000).count == 2  # (17 - 1) // 8 windows fit
+    with pytest.raises(DataError, match="validation split of .*small.txt has 8 tokens, nothing to evaluate"):
+        check_training_data(TokenSplits(splits.train, splits.val[:8], splits.cache_dir, 1, 1, "", str(path)), seq_len=8,
+                            micro_batch_size=2, world_size=3)
 
 
 # ----------------------------------------------------------------------------- interrupted cache writes

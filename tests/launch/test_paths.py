@@ -114,7 +114,7 @@ def test_export_refuses_an_out_that_is_inside_or_holds_the_checkpoints(tmp_path,
 def test_slim_refuses_the_model_folder_as_out(relative_export, tmp_path, capsys):
     before = _files(relative_export)
     for out in (relative_export, relative_export / ".." / "export"):
-        assert main(["slim", "--model", str(relative_export), "--out", str(out), "--k", "1", "--batches", "1"]) == 2
+        assert main(["slim", "--model", str(relative_export), "--out", str(out), "--k", "1", "--tokens", "64"]) == 2
         assert "is --model" in capsys.readouterr().err
     assert _files(relative_export) == before
 
@@ -131,12 +131,12 @@ def test_eval_slim_and_quantize_resolve_recorded_paths_against_the_run(relative_
     monkeypatch.chdir(cwd)
     assert resolve_recorded_paths(relative_export, {"path": "corpus", "cache_dir": "runs/cache"}) == (
         str(run / "corpus"), str(run / "runs" / "cache"), 50)
-    assert main(["eval", "--model", str(relative_export), "--device", "cpu", "--batches", "1", "--batch-size", "2"]) == 0
+    assert main(["eval", "--model", str(relative_export), "--device", "cpu", "--tokens", "64", "--batch-size", "2"]) == 0
     assert "val loss" in capsys.readouterr().out
     assert list(cwd.iterdir()) == []
     caches = list((run / "runs" / "cache").iterdir())
     assert len(caches) == 1 and (caches[0] / "val.bin").is_file()
-    assert main(["slim", "--model", str(relative_export), "--k", "1,2", "--batches", "1", "--batch-size", "2",
+    assert main(["slim", "--model", str(relative_export), "--k", "1,2", "--tokens", "64", "--batch-size", "2",
                  "--decode-tokens", "2", "--device", "cpu"]) == 0
     # quantize: the quantized export records the paths absolute, so it evaluates on the same split
     from launch.quantize.job import _read_export_meta, training_tokens
@@ -147,10 +147,10 @@ def test_eval_slim_and_quantize_resolve_recorded_paths_against_the_run(relative_
     q8 = tmp_path / "q8"
     assert main(["quantize", "--model", str(relative_export), "--out", str(q8), "--method", "rtn", "--bits", "8"]) == 0
     assert json.loads((q8 / "config.json").read_text())["data"] == meta["data"]
-    assert main(["eval", "--model", str(q8), "--device", "cpu", "--batches", "1", "--batch-size", "2"]) == 0
+    assert main(["eval", "--model", str(q8), "--device", "cpu", "--tokens", "64", "--batch-size", "2"]) == 0
     assert list(cwd.iterdir()) == [] and list((run / "runs" / "cache").iterdir()) == caches
     # --cache-dir typed on the command line is relative to the current directory
-    assert main(["eval", "--model", str(relative_export), "--device", "cpu", "--batches", "1", "--batch-size", "2",
+    assert main(["eval", "--model", str(relative_export), "--device", "cpu", "--tokens", "64", "--batch-size", "2",
                  "--cache-dir", "mycache"]) == 0
     assert [p.name for p in cwd.iterdir()] == ["mycache"]
 
@@ -194,10 +194,11 @@ def test_a_run_with_relative_paths_exports_absolute_ones_and_evaluates_from_anyw
     run = work / "runs" / "t"
     assert main(["export", str(run / "checkpoints"), str(run / "export")]) == 0
     meta = json.loads((run / "export" / "config.json").read_text())
-    assert meta["data"] == {"path": str(work / "corpus"), "val_permille": 300, "cache_dir": str(work / "runs" / "cache")}
+    assert meta["data"] == {"path": str(work / "corpus"), "val_permille": 300, "cache_dir": str(work / "runs" / "cache"),
+                            "val_tokens": 65536, "val_seq_len": 128}  # the validation settings, resolved
     assert meta["source"]["checkpoint"] == str(run / "checkpoints" / "step00000002")
     for model in (run / "export", run / "checkpoints"):
-        assert main(["eval", "--model", str(model), "--device", "cpu", "--batches", "1", "--batch-size", "2"]) == 0
+        assert main(["eval", "--model", str(model), "--device", "cpu", "--tokens", "64", "--batch-size", "2"]) == 0
     assert "val loss" in capsys.readouterr().out
     assert list(elsewhere.iterdir()) == []
     assert sorted(p.name for p in (work / "runs" / "cache").iterdir()) == caches  # the run's own cache, reused

@@ -157,7 +157,7 @@ def test_quantized_export_is_packed_on_the_grid_and_runs(reference, tiny_export,
     assert (out / "model.safetensors").stat().st_size < 0.45 * (Path(tiny_export) / "model.safetensors").stat().st_size
     ids = torch.randint(0, 256, (1, 5))
     assert model.generate(ids, 4, active_experts=2, temperature=0).shape == (1, 9)
-    assert main(["eval", "--model", str(out), "--batches", "2", "--batch-size", "2", "--k", "2"]) == 0
+    assert main(["eval", "--model", str(out), "--tokens", "128", "--batch-size", "2", "--k", "2"]) == 0
     assert "val loss" in capsys.readouterr().out
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(str(out), str(out.parent / "again"), small_options(method="rtn", agq=False))
@@ -309,17 +309,20 @@ def test_ray_job_submit_quantizes_the_tiny_model(ray_head, tiny_export, tmp_path
 def test_compare_writes_the_table(tiny_export, tmp_path, capsys):
     out = tmp_path / "report"
     args = ["quantize", "--compare", "--model", str(tiny_export), "--out", str(out), "--bits", "4", "--ray-cpus", "2",
-            "--eval-batches", "2", *SMALL]
+            "--eval-tokens", "512", *SMALL]
     assert main(args) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "compare.json").read_text())
     methods = [row["method"] for row in report["rows"]]
-    assert methods == ["FP", "RTN", "GPTQ", "GPTQ + EBSS", "GPTQ + AGQ", "GPTQ + EBSS + AGQ"]
+    assert methods == ["FP", "RTN", "GPTQ", "GPTQ + EBSS", "GPTQ + AGQ", "GPTQ + EBSS + AGQ", "GPTQ + EBSS + AGQ + EoRA r16"]
     assert all(row["perplexity"] > 1 for row in report["rows"])
     assert report["calibration"]["random"]["sigma"] >= 0 and report["calibration"]["ebss"]["tasks"] == 2
     for method in methods:
         assert f"| {method} |" in printed
-    assert (out / "compare.md").read_text().count("| W4 |") == 5
+    assert (out / "compare.md").read_text().count("| W4 |") == 6
+    eora = next(row for row in report["rows"] if row["method"].endswith("EoRA r16"))
+    base = next(row for row in report["rows"] if row["method"] == "GPTQ + EBSS + AGQ")
+    assert eora["size_mb"] > base["size_mb"]  # the factors are counted
     # Run again: every variant is already there, so nothing is quantized twice.
     assert main(args) == 0
     again = json.loads((out / "compare.json").read_text())

@@ -57,7 +57,7 @@ def exported(tmp_path):
 
 def test_slim_sweep_writes_table_and_plot(exported, capsys):
     path, model = exported
-    args = ["slim", "--model", str(path), "--k", "1,2,4", "--batches", "1", "--batch-size", "2", "--decode-tokens", "2"]
+    args = ["slim", "--model", str(path), "--k", "1,2,4", "--tokens", "64", "--batch-size", "2", "--decode-tokens", "2"]
     assert main([*args, "--budget-flops", str(model.flops_per_token(active_k=2, context=16))]) == 0
     printed = capsys.readouterr().out
     out = path / "slim"
@@ -72,7 +72,7 @@ def test_slim_sweep_writes_table_and_plot(exported, capsys):
     # the same weights at k = E, evaluated directly, give the sweep's loss
     from launch.evaluate import evaluate_path
 
-    direct = evaluate_path(str(path), k=4, batches=1, batch_size=2)
+    direct = evaluate_path(str(path), k=4, tokens=64, batch_size=2)
     assert float(rows[2]["val_loss"]) == pytest.approx(direct["loss"], rel=1e-6)
     # generate --experts auto reads the saved sweep
     flops_k1 = model.flops_per_token(active_k=1, context=16)
@@ -99,15 +99,43 @@ def test_experiment_command_trains_exports_and_tabulates(tmp_path, cache, capsys
     from launch.evaluate import evaluate_path
 
     out = tmp_path / "exp"
-    args = ["experiment", "slimming", "--out", str(out), "--nproc", "1", "--batches", "1",
+    args = ["experiment", "slimming", "--out", str(out), "--nproc", "1", "--tokens", "256",
             "--set", "train.steps=3", "--set", "train.eval_every=0", "--set", "train.log_every=1",
             "--set", f"data.cache_dir={cache}"]
     assert main(args) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["k"] for r in rows] == [1, 2, 4, 8]
-    direct = evaluate_path(str(out / "learned_k2" / "export"), k=4, batches=1)["loss"]
+    direct = evaluate_path(str(out / "learned_k2" / "export"), k=4, tokens=256)["loss"]
     assert rows[2]["learned_k2_val_loss"] == pytest.approx(direct, rel=1e-6)
     assert (out / "results.md").read_text().count("\n| ") >= 5
     # run again: the exports are reused, nothing is retrained
     assert main(args) == 0
     assert capsys.readouterr().out.count("not training again") == 2
+
+
+def test_slim_of_a_quantized_export_measures_the_fp_model_beside_it(exported, tmp_path, capsys):
+    """`moe slim` on a quantized export: the FP model it was made from, found through the export's
+    metadata, measured at every k on the same windows; its column equals a direct evaluation of the
+    FP model, and the paired difference's mean is the difference of the two losses."""
+    from launch.evaluate import evaluate_path
+    from launch.quantize.job import QuantizeOptions, quantize_model
+
+    path, _ = exported
+    quantized = tmp_path / "w2"
+    quantize_model(str(path), str(quantized), QuantizeOptions(method="rtn", bits=2), progress=False)
+    out = tmp_path / "sweep"
+    args = ["slim", "--model", str(quantized), "--out", str(out), "--k", "1,4", "--tokens", "96", "--batch-size", "2",
+            "--decode-tokens", "2"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| k | val loss | baseline val loss | Δ (paired) |" in printed
+    report = json.loads((out / "slim.json").read_text())
+    assert report["facts"]["baseline"] == str(path.resolve()) and report["facts"]["quantized"]
+    for row in report["rows"]:
+        fp = evaluate_path(str(path), k=row["k"], tokens=96, batch_size=4)
+        assert row["baseline_val_loss"] == pytest.approx(fp["loss"], rel=1e-6)
+        assert row["delta_vs_baseline"] == pytest.approx(row["val_loss"] - fp["loss"], abs=1e-9)
+        assert row["val_loss"] != pytest.approx(fp["loss"], rel=1e-6)  # 2 bits: not the FP model
+    assert main([*args, "--no-baseline", "--out", str(tmp_path / "alone")]) == 0
+    alone = json.loads((tmp_path / "alone" / "slim.json").read_text())["rows"][0]
+    assert not any(key.startswith("baseline") for key in alone)

@@ -28,7 +28,7 @@ from tests.runs import REPO, TINY, rank_env, records, set_args, train_under_laun
 
 STEPS = 8
 SHORT = [  # tiny.yaml, shortened: 8 steps, schedules compressed to fit, output every few steps
-    f"train.steps={STEPS}", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=4", "train.eval_batches=2",
+    f"train.steps={STEPS}", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=4", "data.val_tokens=4096",
     "train.save_every=4", "train.keep_checkpoints=0", f"model.moe.k_schedule_steps={STEPS}",
 ]
 
@@ -111,15 +111,36 @@ def test_export_and_load_give_the_same_evaluation(straight_run, tmp_path, cache)
     reference = model_state_dict(*resolve(straight_run / "checkpoints"))
     for name, tensor in weights.items():
         assert torch.equal(tensor, reference[name]), name
-    kwargs = dict(cache_dir=str(cache), batches=2, batch_size=16, seq_len=128)
+    kwargs = dict(cache_dir=str(cache), batch_size=16)
     from_export = evaluate_path(str(export), **kwargs)
     from_checkpoint = evaluate_path(str(straight_run / "checkpoints"), **kwargs)
     assert from_export["loss"] == from_checkpoint["loss"]
-    # the same windows the run's final validation used (2 ranks x 2 batches of 16 = 4 batches here)
+    # k is a run-time choice: fewer experts, a different loss, same weights
+    at_k1 = evaluate_path(str(export), k=1, **kwargs)
+    assert at_k1["k"] == [1] * 4 and at_k1["loss"] != from_export["loss"]
+
+
+def test_one_validation_everywhere(straight_run, tmp_path, cache):
+    """The trainer's last validation (2 ranks, each its share of the windows), `moe eval` on the
+    export and on the checkpoint, `moe slim` and the experiments (evaluate_path) all measure the
+    same windows: the same loss, standard error and token count, whatever the batch size."""
+    from launch.slim import sweep
+
+    export = export_checkpoint(str(straight_run / "checkpoints"), str(tmp_path / "export"))
     final = _records(straight_run, "eval")[-1]
-    assert evaluate_path(str(export), **{**kwargs, "batches": 4})["loss"] == pytest.approx(final["val/loss"], rel=1e-5)
-    # k is a run-time choice: fewer experts, a different (and here worse) loss, same weights
-    assert evaluate_path(str(export), k=1, **kwargs)["loss"] > from_export["loss"]
+    assert final["val_tokens"] == 4096 and final["val_windows"] == 32  # data.val_tokens=4096 in windows of 128
+    results = [evaluate_path(str(export), batch_size=5), evaluate_path(str(straight_run / "checkpoints"), batch_size=32)]
+    rows, facts = sweep(str(export), ks=[7], batch_size=3, decode_tokens=1)
+    for result in results:
+        assert result["tokens"] == 4096 and result["windows"] == 32 and result["seq_len"] == 128
+        assert result["loss"] == pytest.approx(final["val/loss"], rel=1e-6)
+        assert result["loss_stderr"] == pytest.approx(final["val/loss_stderr"], rel=1e-4)
+    assert rows[0]["val_loss"] == pytest.approx(final["val/loss"], rel=1e-6) and facts["val_tokens"] == 4096
+    # the standard error is that of the per-window means (a naive computation from the windows)
+    windows = torch.tensor(results[0]["window_losses"], dtype=torch.float64)
+    mean = sum(windows.tolist()) / 32
+    naive = (sum((w - mean) ** 2 for w in windows.tolist()) / 31 / 32) ** 0.5
+    assert results[0]["loss"] == pytest.approx(mean, rel=1e-12) and results[0]["loss_stderr"] == pytest.approx(naive)
 
 
 def test_moe_eval_and_export_commands(straight_run, tmp_path, cache, capsys):
@@ -130,11 +151,12 @@ def test_moe_eval_and_export_commands(straight_run, tmp_path, cache, capsys):
     assert "already holds an exported model" in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["source"]["step"] == 4
     report = tmp_path / "eval.json"
-    code = moe_main(["eval", "--model", str(out), "--k", "3", "--batches", "1", "--cache-dir", str(cache), "--json", str(report)])
+    code = moe_main(["eval", "--model", str(out), "--k", "3", "--tokens", "2048", "--cache-dir", str(cache), "--json", str(report)])
     assert code == 0
     printed = capsys.readouterr().out
     result = json.loads(report.read_text())
     assert result["k"] == [3] * 4 and result["tokens"] == 16 * 128
+    assert "2,048 tokens in 16 windows of 128, spread evenly over the whole validation split" in printed
     for label in ("val loss", "perplexity", "MaxVio", "tokens/s"):
         assert label in printed
     assert f"{result['loss']:.4f}" in printed

@@ -50,6 +50,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def _run_every_collective(rank: int, world: int, group_device: torch.device, out_dir: str) -> None:
     from launch import train
     from launch.config import load_run_config
+    from launch.data import validation_windows
     from launch.evaluate import evaluate
     from moe import LoadMeter, MoETransformer, collect_aux_losses, max_violation, moe_layers, update_expert_biases
     from parallel.checkpoint import verify_replicas
@@ -106,7 +107,7 @@ def _run_every_collective(rank: int, world: int, group_device: torch.device, out
         stop.restore()
 
     tokens = np.random.default_rng(0).integers(0, 256, 4000).astype(np.uint8)  # the same split on both ranks
-    evaluation = evaluate(model, tokens, 16, 2, 2, rank, world)
+    evaluation = evaluate(model, tokens, validation_windows(tokens, 16, 2 * 2 * 2 * 16), 2, rank, world)
     result["eval_tokens"] = evaluation["tokens"]
     result["eval_loss"] = evaluation["loss"]
 
