@@ -250,6 +250,14 @@ def balancing_rows(exports: dict[str, Path], tokens) -> list[dict]:
     return rows
 
 
+def validation_note(export: Path, tokens) -> str:
+    """What the experiment's validation read (the same windows for every run of a corpus)."""
+    from launch.evaluate import load_model_for_eval, validation_for
+
+    model, trained_on = load_model_for_eval(str(export), "cpu")
+    return validation_for(str(export), model, trained_on, tokens=tokens)[1].describe()
+
+
 def plot_max_vio(exports: dict[str, Path], path: Path) -> Path:
     """MaxVio over training steps (each log window's load, mean over layers) of every run, and the
     bias range of the bias-balanced runs, one line per run."""
@@ -313,6 +321,7 @@ def run(args: argparse.Namespace) -> int:
                          for label in labels)
     (out / "results.md").write_text(
         f"# Experiment: {args.name}\n\n{table}\n\n"
+        f"Validation: {validation_note(next(iter(exports.values())), args.tokens)}. "
         "val_loss ± val_loss_se: the mean over the validation windows and its standard error (one validation for "
         "every command: launch.data.validation_windows)"
         + ("; val_loss_vs_aux ± vs_aux_se: the paired per-window difference with learned_aux_loss" if args.name == "balancing" else "")
