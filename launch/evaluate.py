@@ -122,12 +122,12 @@ def paired_difference(result: dict, reference: dict) -> tuple[float, float]:
     return float(diff.mean()), (float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else float("nan"))
 
 
-def format_loss(result: dict, digits: int = 4) -> str:
-    """``1.6012 ± 0.0123``: a validation loss with its standard error over windows."""
-    stderr = result.get("loss_stderr")
+def format_loss(loss: float, stderr: Optional[float] = None, digits: int = 4) -> str:
+    """``1.6012 ± 0.0123``: a validation loss with its standard error over windows (the bare loss
+    when there is none, or one window gave NaN)."""
     if stderr is None or math.isnan(stderr):
-        return f"{result['loss']:.{digits}f}"
-    return f"{result['loss']:.{digits}f} ± {stderr:.{digits}f}"
+        return f"{loss:.{digits}f}"
+    return f"{loss:.{digits}f} ± {stderr:.{digits}f}"
 
 
 DEFAULT_CACHE_DIR = DataConfig.cache_dir
@@ -292,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"device     {result['device']}")
     print(f"k          {k_text} of {result['num_experts']} experts")
     print(f"validation {result['validation']}")
-    print(f"val loss   {format_loss(result)} (± one standard error over the windows)")
+    print(f"val loss   {format_loss(result['loss'], result['loss_stderr'])} (± one standard error over the windows)")
     print(f"perplexity {result['perplexity']:.3f}")
     print(f"MaxVio     {result['max_vio']:.3f} (mean over MoE layers, load summed over the validation set)")
     print(f"tokens/s   {result['tokens_per_s']:,.0f}")

@@ -185,19 +185,17 @@ def default_baseline(model_path: str) -> Optional[str]:
     return source if source and (Path(source) / CONFIG_NAME).is_file() else None
 
 
-def _loss(value: float, stderr: float) -> str:
-    return f"{value:.4f}" if stderr != stderr else f"{value:.4f} ± {stderr:.4f}"  # NaN: a single window
-
-
 def markdown_table(rows: list[dict]) -> str:
+    from launch.evaluate import format_loss
+
     paired = "baseline_val_loss" in rows[0]
     header = ["k", "val loss"] + (["baseline val loss", "Δ (paired)"] if paired else []) + [
         "perplexity", "prefill tok/s", "decode tok/s", "decode ms/token", "active params", "FLOPs/token"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [str(r["k"]), _loss(r["val_loss"], r["val_loss_stderr"])]
+        cells = [str(r["k"]), format_loss(r["val_loss"], r["val_loss_stderr"])]
         if paired:
-            cells += [_loss(r["baseline_val_loss"], r["baseline_val_loss_stderr"]),
+            cells += [format_loss(r["baseline_val_loss"], r["baseline_val_loss_stderr"]),
                       f"{r['delta_vs_baseline']:+.4f} ± {r['delta_stderr']:.4f}"]
         cells += [f"{r['perplexity']:.3f}", f"{r['prefill_tokens_per_s']:,.0f}", f"{r['decode_tokens_per_s']:,.0f}",
                   f"{r['decode_ms_per_token']:.2f}", f"{r['active_parameters']:,}", f"{r['flops_per_token']:,}"]

@@ -51,3 +51,13 @@ def tiny_export(tmp_path_factory, cache):
                             env=rank_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return export_checkpoint(str(run / "checkpoints"), str(run / "export"))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (restored afterwards): on tiny shapes faster than two
+    contending ones. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -342,7 +342,7 @@ def _train(cfg: RunConfig, resume: bool, until_step: Optional[int], resume_from:
         logs.record("eval", step, {"val/loss": result["loss"], "val/loss_stderr": result["loss_stderr"],
                                    "val/perplexity": result["perplexity"], "val/max_vio": result["max_vio"]},
                     {"val_tokens": result["tokens"], "val_windows": result["windows"]})
-        logs.write(f"step {step}: val loss {format_loss(result)}, perplexity {result['perplexity']:.2f}, "
+        logs.write(f"step {step}: val loss {format_loss(result['loss'], result['loss_stderr'])}, perplexity {result['perplexity']:.2f}, "
                    f"MaxVio {result['max_vio']:.3f} over {result['tokens']:,} tokens")
         return result
 

@@ -27,6 +27,8 @@ from moe.quant import QuantizedWeight, QuantSpec, unpack_codes
 from moe.errors import UserError
 from moe.quant.calibrate import stage_targets
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIG = dict(num_layers=3, num_heads=2, max_seq_len=32, moe_every=2, init_std=0.1, moe=dict(
     hidden_size=32, ffn_hidden_size=16, num_experts=[2, 4], top_k=2, router="random", num_shared_experts=1))
 """Blocks 0 and 2 MoE (2 and 4 experts, one shared expert), block 1 a dense FFN."""
@@ -92,13 +94,6 @@ def clusters(monkeypatch):
     return made
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread is faster than two contending ones (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import moe
 from moe.errors import UserError
 from moe.quant.ebss import ebss_search, expert_balance_sigma, expert_usage
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -19,12 +21,6 @@ def model():
     return moe.MoETransformer(config).eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _log_likelihood(model, tokens: torch.Tensor) -> torch.Tensor:
