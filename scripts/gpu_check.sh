@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The project's checks on one CUDA GPU, in about 9 minutes, with a Markdown report of what ran.
+# The project's checks on one CUDA GPU, in three device calls of under 10 minutes, with a Markdown report of what ran.
 #
 # Where: the GPU machine (torch and triton there, no network, no deepspeed). Make the wheelhouse
 # on the CPU machine first (bash scripts/gpu_wheelhouse.sh -> .whl/), then with the device tool:
-#     run(carry=[".whl"], command="bash scripts/gpu_check.sh", timeout_s=600)
+#     run(carry=[".whl"], command="GPU_CHECK_STEPS=perf,decode bash scripts/gpu_check.sh", timeout_s=600)
+#     (then GPU_CHECK_STEPS=bench,tiny,example, then GPU_CHECK_STEPS=pytest: see GPU_CHECK_STEPS below)
 # (GPU_CHECK_COMMIT=$(git rev-parse --short HEAD) written out in that command names the commit in the
 # report), or by hand, from the repository root: bash scripts/gpu_check.sh
 #
@@ -18,10 +19,12 @@
 #        tiny-train     moe train configs/tiny.yaml on 1 GPU, then on its export:
 #        tiny-export, tiny-eval, tiny-slim, tiny-generate
 #        example-train  configs/gpu_example.yaml cut to 60 steps, 8 layers, seq 1024 (tokens/s, MFU)
-#      and, only when GPU_CHECK_STEPS names it, the "perf" group (issue 17's benchmarks; ~8 minutes):
+#      and, only when GPU_CHECK_STEPS names them, issue 17's benchmarks:
+#        perf group:
 #        bench-layer    moe bench layer (the MoE layer vs deepspeed.moe vs the dense MLP, bf16)
 #        bench-step     moe bench step (MoE vs dense-equivalent training step, eager and compiled;
 #                       moe train vs a plain loop)
+#        decode group:
 #        decode-tiny    moe bench decode, tiny.yaml at batch 8 (growing cache, static, CUDA graph, compiled)
 #        decode-example moe bench decode, gpu_example.yaml (8 layers) at batch 1, k = 1 and 64
 #      Everything a step writes goes to a fresh work folder (GPU_CHECK_DIR, default under /tmp), apart
@@ -37,16 +40,21 @@
 #   WHEELHOUSE=.whl              wheels to install where missing (scripts/gpu_wheelhouse.sh)
 #   GPU_CHECK_SITE=/tmp/slimmoe-site   where they are installed (pip --target)
 #   GPU_CHECK_DIR=...            work folder (default: a new /tmp/slimmoe-gpu-check.XXXXXX)
-#   GPU_CHECK_TOTAL_S=530        the whole run's budget: a step never runs past it (its limit is cut,
+#   GPU_CHECK_TOTAL_S=570        the whole run's budget: a step never runs past it (its limit is cut,
 #                                or it is skipped); the per-step limits below are each step's own cap
-#   GPU_CHECK_LIMIT_PYTEST=240 GPU_CHECK_LIMIT_BENCH=150 GPU_CHECK_LIMIT_TINY_TRAIN=75
-#   GPU_CHECK_LIMIT_TINY_EXPORT=25 GPU_CHECK_LIMIT_TINY_EVAL=30 GPU_CHECK_LIMIT_TINY_SLIM=45
-#   GPU_CHECK_LIMIT_TINY_GENERATE=25 GPU_CHECK_LIMIT_EXAMPLE_TRAIN=120     (seconds)
-#   GPU_CHECK_STEPS=pytest,bench,tiny,example   which groups run, in this order (also: perf);
-#                                with 30 device minutes and 10 per call, a session runs three calls:
-#                                GPU_CHECK_STEPS=pytest,bench,tiny, then perf, then example
-#   GPU_CHECK_LIMIT_BENCH_LAYER=150 GPU_CHECK_LIMIT_BENCH_STEP=240 GPU_CHECK_LIMIT_DECODE_TINY=60
-#   GPU_CHECK_LIMIT_DECODE_EXAMPLE=60    (seconds, the perf group)
+#   GPU_CHECK_LIMIT_PYTEST=330 GPU_CHECK_LIMIT_BENCH=300 GPU_CHECK_LIMIT_TINY_TRAIN=120
+#   GPU_CHECK_LIMIT_TINY_EXPORT=40 GPU_CHECK_LIMIT_TINY_EVAL=90 GPU_CHECK_LIMIT_TINY_SLIM=120
+#   GPU_CHECK_LIMIT_TINY_GENERATE=60 GPU_CHECK_LIMIT_EXAMPLE_TRAIN=180     (seconds)
+#                                The limits are caps, about twice what each step took on one H100 on
+#                                2026-11-26 with an empty Triton cache (benchmarks/gpu-*.md): the
+#                                first run in a fresh machine compiles and autotunes every kernel.
+#   GPU_CHECK_STEPS=pytest,bench,tiny,example   which groups run, in this order (also: perf, decode);
+#                                with 30 device minutes and 10 per call, a session runs three calls,
+#                                each with GPU_CHECK_TOTAL_S=570 and timeout_s=600 (measured on one H100:
+#                                about 8, 7 and 6 minutes):
+#                                GPU_CHECK_STEPS=perf,decode, then bench,tiny,example, then pytest
+#   GPU_CHECK_LIMIT_BENCH_LAYER=150 GPU_CHECK_LIMIT_BENCH_STEP=300 GPU_CHECK_LIMIT_DECODE_TINY=180
+#   GPU_CHECK_LIMIT_DECODE_EXAMPLE=90    (seconds, the perf and decode groups)
 #   GPU_CHECK_PYTEST_ARGS, GPU_CHECK_BENCH_ARGS, GPU_CHECK_TINY_ARGS, GPU_CHECK_EXAMPLE_ARGS
 #                                extra arguments of pytest, moe bench kernels and the two moe train runs
 #                                (word-split), e.g. GPU_CHECK_TINY_ARGS="--set train.steps=100"
@@ -62,7 +70,7 @@ cd "$(dirname "$0")/.." || exit 1
 PYTHON=${PYTHON:-python3}
 WHEELHOUSE=${WHEELHOUSE:-.whl}
 SITE=${GPU_CHECK_SITE:-/tmp/slimmoe-site}
-TOTAL=${GPU_CHECK_TOTAL_S:-530}
+TOTAL=${GPU_CHECK_TOTAL_S:-570}
 GROUPS_TO_RUN=${GPU_CHECK_STEPS:-pytest,bench,tiny,example}
 KILL_GRACE=10   # after the time limit's SIGINT, SIGKILL this many seconds later
 RESERVE=10      # seconds kept for the report and the archive at the end
@@ -233,25 +241,25 @@ IFS=',' read -r -a groups <<<"$GROUPS_TO_RUN"
 for group in "${groups[@]}"; do
     case $group in
     pytest)
-        run_step pytest 240 -- "$PYTHON" -m pytest -q -m gpu tests/kernels tests/moe tests/launch tests/parallel/test_megatron.py \
+        run_step pytest 330 -- "$PYTHON" -m pytest -q -m gpu tests/kernels tests/moe tests/launch tests/parallel/test_megatron.py \
             -p no:cacheprovider --durations=15 "${pytest_ignore[@]}" "${pytest_extra[@]}"
         ;;
     bench)
-        run_step bench 150 -- "${MOE[@]}" bench kernels --json "$RUN/bench-kernels.json" "${bench_extra[@]}"
+        run_step bench 300 -- "${MOE[@]}" bench kernels --json "$RUN/bench-kernels.json" "${bench_extra[@]}"
         ;;
     tiny)
-        run_step tiny-train 75 -- "${MOE[@]}" train --config configs/tiny.yaml --nproc 1 \
+        run_step tiny-train 120 -- "${MOE[@]}" train --config configs/tiny.yaml --nproc 1 \
             --set "out_dir=$TINY" --set "data.cache_dir=$CACHE" "${tiny_extra[@]}"
-        run_step tiny-export 25 --after tiny-train -- "${MOE[@]}" export "$TINY/checkpoints" "$TINY/export"
-        run_step tiny-eval 30 --after tiny-export -- "${MOE[@]}" eval --model "$TINY/export" --device cuda
-        run_step tiny-slim 45 --after tiny-export -- "${MOE[@]}" slim --model "$TINY/export" --device cuda
-        run_step tiny-generate 25 --after tiny-export -- "${MOE[@]}" generate --model "$TINY/export" \
+        run_step tiny-export 40 --after tiny-train -- "${MOE[@]}" export "$TINY/checkpoints" "$TINY/export"
+        run_step tiny-eval 90 --after tiny-export -- "${MOE[@]}" eval --model "$TINY/export" --device cuda
+        run_step tiny-slim 120 --after tiny-export -- "${MOE[@]}" slim --model "$TINY/export" --device cuda
+        run_step tiny-generate 60 --after tiny-export -- "${MOE[@]}" generate --model "$TINY/export" \
             --prompt "def main(" --device cuda --max-new-tokens 64
         ;;
     example)
         # configs/gpu_example.yaml at 8 of its 16 layers and half its sequence length, 60 steps on the
         # built-in corpus; no validation, one checkpoint (at the end, which the trainer always writes).
-        run_step example-train 120 -- "${MOE[@]}" train --config configs/gpu_example.yaml --nproc 1 \
+        run_step example-train 180 -- "${MOE[@]}" train --config configs/gpu_example.yaml --nproc 1 \
             --set "out_dir=$RUN/gpu_example" --set data.path=null --set "data.cache_dir=$CACHE" \
             --set train.steps=60 --set model.num_layers=8 --set train.seq_len=1024 \
             --set train.warmup_steps=10 --set train.log_every=10 --set train.eval_every=0 \
@@ -261,15 +269,17 @@ for group in "${groups[@]}"; do
         ;;
     perf)
         run_step bench-layer 150 -- "${MOE[@]}" bench layer --json "$RUN/bench-layer.json"
-        run_step bench-step 240 -- "${MOE[@]}" bench step --json "$RUN/bench-step.json" \
+        run_step bench-step 300 -- "${MOE[@]}" bench step --json "$RUN/bench-step.json" \
             --set "data.cache_dir=$CACHE" --set "out_dir=$RUN/bench-step"
-        run_step decode-tiny 60 -- "${MOE[@]}" bench decode --config configs/tiny.yaml --batch 8 --compile \
+        ;;
+    decode)
+        run_step decode-tiny 180 -- "${MOE[@]}" bench decode --config configs/tiny.yaml --batch 8 --compile \
             --json "$RUN/bench-decode-tiny.json"
-        run_step decode-example 60 -- "${MOE[@]}" bench decode --config configs/gpu_example.yaml --batch 1 \
+        run_step decode-example 90 -- "${MOE[@]}" bench decode --config configs/gpu_example.yaml --batch 1 \
             --k 1,64 --set model.num_layers=8 --json "$RUN/bench-decode-example.json"
         ;;
     *)
-        echo "gpu_check: unknown group '$group' in GPU_CHECK_STEPS (pytest, bench, tiny, example, perf)" >&2
+        echo "gpu_check: unknown group '$group' in GPU_CHECK_STEPS (pytest, bench, tiny, example, perf, decode)" >&2
         ;;
     esac
 done

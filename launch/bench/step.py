@@ -21,7 +21,11 @@ config's data, seed ``train.seed``), put on the device before the timed loop.
 
 Timing: ``--warmup`` untimed steps (the first compiles a compiled model; its time is printed),
 then ``--steps`` steps between two CUDA events (wall clock on CPU) with no synchronisation inside
-the loop; ms/step is the loop's time over its steps. Each case starts from the same weights.
+the loop; ms/step is the loop's time over its steps. Each case starts from the same weights. On
+CUDA, host ms/step is the time the Python loop took to issue those steps (until the last call
+returned): where it is close to ms/step, the GPU waited for the host (launch-bound), and only
+fewer launches (compilation, CUDA graphs, fused kernels) make the step faster; where it is much
+smaller, the GPU is the bottleneck. The profile's kernel total over ms/step is the GPU's busy share.
 Then torch.profiler records ``--profile-steps`` more steps of each MoE case: the top kernels by
 device time (by self CPU time on CPU), each one's share of the total.
 
@@ -226,19 +230,22 @@ def format_report(report: dict) -> str:
     for row in report["rows"]:
         case = report["cases"][f"{row['model']} {row['mode']}"]
         rows.append([row["model"], row["mode"], _fmt(row["ms_per_step"], ".3f", "failed"),
+                     _fmt(case.get("host_ms_per_step"), ".3f"),
                      _fmt(row["tokens_per_s"], ",.0f"), _fmt(row["tflops"], ".3g"),
                      _fmt(row["moe_over_dense"], ".3f"), _fmt(case.get("first_step_s"), ".1f"),
                      _fmt(case.get("peak_gib"), ".2f"), case.get("note") or ""])
-    lines += _table(["model", "mode", "ms/step", "tokens/s", "TFLOP/s", "MoE/dense", "1st step s", "peak GiB", "note"],
-                    rows)
+    lines += _table(["model", "mode", "ms/step", "host ms/step", "tokens/s", "TFLOP/s", "MoE/dense", "1st step s",
+                     "peak GiB", "note"], rows)
     for name, case in report["cases"].items():
         if case.get("graph_breaks"):
             lines += ["", f"Graph breaks of the {name} step (count, reason):"]
             ranked = sorted(case["graph_breaks"].items(), key=lambda item: -item[1])
             lines += [f"- {count} x {_short(reason, 160)}" for reason, count in ranked[:5]]
     for name, profile in report.get("profiles", {}).items():
+        busy = ratio(profile["total_ms_per_step"], report["cases"].get(name, {}).get("ms_per_step"))
+        share = f", {busy:.0%} of the timed ms/step" if busy is not None and profile["what"].startswith("CUDA") else ""
         lines += ["", f"Top kernels of the {name} step ({profile['what']}, {profile['steps']} profiled steps, "
-                  f"total {profile['total_ms_per_step']:.3f} ms per step):", ""]
+                  f"total {profile['total_ms_per_step']:.3f} ms per step{share}):", ""]
         lines += _table(["#", "kernel", "ms/step", "share", "calls/step"], [
             [str(i + 1), _short(k["name"]), f"{k['ms_per_step']:.3f}", _fmt(k["share"], ".1%"),
              _fmt(k["calls_per_step"], ".4g")] for i, k in enumerate(profile["kernels"])])
@@ -361,10 +368,12 @@ def time_steps(step: Callable, batches: list, warmup: int, steps: int, device: t
     synchronize(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        began = time.perf_counter()
         start.record()
         for i in range(steps):
             step(*batches[(warmup + i) % len(batches)])
         end.record()
+        host_ms = 1e3 * (time.perf_counter() - began)  # the host's time to issue the steps
         end.synchronize()
         elapsed_ms = start.elapsed_time(end)
     else:
@@ -372,7 +381,9 @@ def time_steps(step: Callable, batches: list, warmup: int, steps: int, device: t
         for i in range(steps):
             step(*batches[(warmup + i) % len(batches)])
         elapsed_ms = 1e3 * (time.perf_counter() - began)
-    return {"ms_per_step": elapsed_ms / steps, "first_step_s": first_step_s}
+        host_ms = None  # the host does the work itself: no separate figure
+    return {"ms_per_step": elapsed_ms / steps, "first_step_s": first_step_s,
+            "host_ms_per_step": None if host_ms is None else host_ms / steps}
 
 
 def time_plain_loop(step: Callable, sampler, warmup: int, steps: int, device: torch.device) -> float:
@@ -408,10 +419,20 @@ def profile_steps(step: Callable, batches: list, steps: int, device: torch.devic
         for i in range(steps):
             step(*batches[i % len(batches)])
         synchronize(device)
+    result = top_kernels(profiled_events(prof.key_averages(), cuda, DeviceType.CUDA), steps)
+    result.update(steps=steps, what="CUDA kernels by device time" if cuda else "ops by self CPU time")
+    return result
+
+
+def profiled_events(averages, cuda: bool, cuda_type) -> list[tuple[str, float, int]]:
+    """(name, µs, calls) of the profiler's ``key_averages()``: on CUDA the kernels (device events)
+    by self device time, leaving out the GPU side of user annotations (the optimizer's
+    "Optimizer.step#AdamW.step" range spans its kernels, which would count twice); on CPU every op
+    by self CPU time."""
     events = []
-    for event in prof.key_averages():
+    for event in averages:
         if cuda:
-            if event.device_type != DeviceType.CUDA:
+            if event.device_type != cuda_type or getattr(event, "is_user_annotation", False):
                 continue
             us = getattr(event, "self_device_time_total", None)
             if us is None:
@@ -419,9 +440,7 @@ def profile_steps(step: Callable, batches: list, steps: int, device: torch.devic
         else:
             us = event.self_cpu_time_total
         events.append((event.key, float(us), int(event.count)))
-    result = top_kernels(events, steps)
-    result.update(steps=steps, what="CUDA kernels by device time" if cuda else "ops by self CPU time")
-    return result
+    return events
 
 
 def _graph_stats() -> dict:
@@ -465,10 +484,11 @@ def run_case(base, name: str, compiled: bool, batches: list, args, train_cfg, de
 
         model = copy.deepcopy(base)
         if compiled:
-            import torch._dynamo
+            # `import torch._dynamo` here would make `torch` a local name of measure() for its whole body
+            import torch._dynamo as dynamo
             from torch._dynamo.utils import counters
 
-            torch._dynamo.reset()
+            dynamo.reset()
             counters.clear()
             compile_blocks(model, **compile_options)
         step = make_step(model, train_cfg, device)
@@ -747,7 +767,7 @@ def run(args: argparse.Namespace) -> int:
         "micro_batch": t.micro_batch_size, "seq_len": t.seq_len, "steps": args.steps, "warmup": args.warmup,
         "step_note": f"one micro-batch: forward + aux losses, backward, {clip}{optimizer} (lr {t.lr:g}, weight decay "
                      f"{t.weight_decay:g} on matrices), zero_grad"
-                     + (", expert-bias update (as in the trainer: a host sync per MoE layer)" if moe_cfg.uses_bias else ""),
+                     + (", expert-bias update (as in the trainer, on the device)" if moe_cfg.uses_bias else ""),
         "timing_note": f"{args.steps} steps between {sync} after {args.warmup} warm-up steps (at least 2 when "
                        "compiled: the first compiles); 1st step s = the first warm-up step alone; peak GiB = peak "
                        "CUDA memory of the case above what was allocated before it",

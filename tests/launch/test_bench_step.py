@@ -116,6 +116,25 @@ def test_top_kernels_rank_by_time_with_shares_of_the_total():
     assert len(everything["kernels"]) == 3 and sum(k["share"] for k in everything["kernels"]) == pytest.approx(1.0)
 
 
+def test_profiled_kernels_leave_out_the_gpu_side_of_user_annotations():
+    from types import SimpleNamespace as Event
+
+    cpu, cuda = "CPU", "CUDA"
+    averages = [
+        Event(key="Optimizer.step#AdamW.step", device_type=cuda, is_user_annotation=True,
+              self_device_time_total=5500.0, self_cpu_time_total=0.0, count=1),  # spans the kernel below
+        Event(key="multi_tensor_apply_kernel", device_type=cuda, is_user_annotation=False,
+              self_device_time_total=5400.0, self_cpu_time_total=0.0, count=42),
+        Event(key="aten::mm", device_type=cpu, is_user_annotation=False,
+              self_device_time_total=0.0, self_cpu_time_total=80.0, count=3),
+    ]
+    on_gpu = bench.profiled_events(averages, cuda=True, cuda_type=cuda)
+    assert on_gpu == [("multi_tensor_apply_kernel", 5400.0, 42)]
+    assert bench.top_kernels(on_gpu, steps=1)["total_ms_per_step"] == pytest.approx(5.4)
+    on_cpu = bench.profiled_events(averages, cuda=False, cuda_type=cuda)
+    assert ("aten::mm", 80.0, 3) in on_cpu and len(on_cpu) == 3
+
+
 def test_trainer_tokens_per_s_is_total_tokens_over_total_step_time_after_the_warmup():
     records = [{"event": "eval", "step": 0, "val/loss": 5.0}]
     records += [{"event": "train", "step": s, bench.TOKENS_PER_S: rate} for s, rate in
@@ -205,12 +224,13 @@ def test_bench_step_end_to_end_with_compiled_blocks(tmp_path, capsys, cache):
     rows = {(r[0], r[1]): r for r in _table_rows(printed, "MoE") + _table_rows(printed, "dense")}
     assert set(rows) == set(bench.CASES)
     for (model, mode), row in rows.items():
-        ms, rate = _number(row[2]), _number(row[3])  # printed to 0.001 ms and to 1 token/s
+        assert row[3] == "-"  # host ms/step: CUDA only (on the CPU the host does the work itself)
+        ms, rate = _number(row[2]), _number(row[4])  # printed to 0.001 ms and to 1 token/s
         assert ms > 0 and abs(rate - 64 / (ms / 1e3)) <= 0.5 + rate * 5e-4 / ms, row
         if model == "MoE":
             dense_ms = _number(rows[("dense", mode)][2])
             quotient = ms / dense_ms  # the ratio is printed to 0.001
-            assert abs(_number(row[5]) - quotient) <= 5e-4 + quotient * (5e-4 / ms + 5e-4 / dense_ms), row
+            assert abs(_number(row[6]) - quotient) <= 5e-4 + quotient * (5e-4 / ms + 5e-4 / dense_ms), row
     for name, case in report["cases"].items():
         assert case["ms_per_step"] > 0 and case["first_step_s"] > 0, name
     for row in report["rows"]:

@@ -152,12 +152,12 @@ def test_gpu_check_runs_times_out_fails_skips_and_reports(tmp_path):
     assert "steps.tsv" in names and "logs/04-tiny-export.log" in names
 
 
-def test_gpu_check_perf_group_runs_the_benchmarks_of_issue_17_into_its_own_report(tmp_path):
+def test_gpu_check_perf_and_decode_groups_run_the_benchmarks_of_issue_17_into_their_own_report(tmp_path):
     fake = _fake_python(tmp_path)
     calls, work, checkout = tmp_path / "calls.txt", tmp_path / "work", tmp_path / "checkout"
     shutil.copytree(SCRIPTS, checkout / "scripts")  # the script writes benchmarks/ beside its own folder
     env = _env(PYTHON=str(fake), REAL_PYTHON=sys.executable, FAKE_CALLS=str(calls), GPU_CHECK_DIR=str(work),
-               WHEELHOUSE=str(tmp_path / "no-wheels"), GPU_CHECK_STEPS="perf", GPU_CHECK_COMMIT="abc1234")
+               WHEELHOUSE=str(tmp_path / "no-wheels"), GPU_CHECK_STEPS="perf,decode", GPU_CHECK_COMMIT="abc1234")
     result = subprocess.run([BASH, str(checkout / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
                             timeout=60, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -167,7 +167,7 @@ def test_gpu_check_perf_group_runs_the_benchmarks_of_issue_17_into_its_own_repor
     for command in ("bench layer --json", "bench step --json", "bench decode --config configs/tiny.yaml --batch 8",
                     "bench decode --config configs/gpu_example.yaml --batch 1 --k 1,64"):
         assert f"-m launch.cli {command}" in ran, command
-    assert [p.name for p in (checkout / "benchmarks").iterdir()] == ["gpu-fake-gpu-80gb-hbm3-perf.md"]
+    assert [p.name for p in (checkout / "benchmarks").iterdir()] == ["gpu-fake-gpu-80gb-hbm3-perf-decode.md"]
 
 
 def _step(tmp_path, name, status, seconds, text, note=""):

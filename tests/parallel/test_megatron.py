@@ -411,18 +411,28 @@ def test_megatron_alltoall_layer_and_block_on_gpu():
                   expert_backend="loop")  # plain fp32 matmuls on both sides (no TF32)
     theirs, ours = _paired_layers(cfg, layer_number=1, device="cuda", moe_token_dispatcher_type="alltoall")
     x = torch.randn(64, 2, D, device="cuda")
-    for step in (0, 2, 4):
-        smoe.advance_k_schedule(theirs, step)
-        moe.advance_k_schedule(ours, step)
-        theirs.eval()
-        ours.eval()
-        with torch.no_grad():
-            out, _ = theirs(x)
-            expected = ours(x)
-        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-        theirs.train()
-        theirs(x.requires_grad_(True))[0].sum().backward()
-        smoe.update_expert_biases(theirs)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for step in (0, 2, 4):
+            smoe.advance_k_schedule(theirs, step)
+            moe.advance_k_schedule(ours, step)
+            ours.router.expert_bias.copy_(theirs.router.expert_bias)  # theirs was updated after each backward
+            theirs.eval()
+            ours.eval()
+            with torch.no_grad():
+                out, _ = theirs(x)
+                expected = ours(x)
+            # On one H100 (2026-11-26) the outputs (|y| up to ~0.5) differed by up to 1.5e-4 in 1.6% of
+            # the elements: fp32 GEMMs of other shapes and reduction orders. A token routed elsewhere, or
+            # a gate weight applied twice, differs by a sizeable part of its output, far above this bound.
+            torch.testing.assert_close(out, expected, rtol=0, atol=2e-3 * float(expected.abs().max()))
+            theirs.train()
+            theirs(x.requires_grad_(True))[0].sum().backward()
+            smoe.update_expert_biases(theirs)
+            x = x.detach()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert theirs.router.expert_bias.abs().sum() > 0
 
     # a 2-layer block (attention + MoE) in bf16, k grown mid-run, forward and backward
