@@ -72,10 +72,24 @@ class ExchangeStats:
     waiting on overlapped ones. Equals ``seconds`` on the serial path; the rest of ``seconds`` was
     hidden behind expert compute."""
     calls: int = 0
+    line_up: bool = False
+    """Measurement only: before each serial exchange, a barrier over the group lines the ranks up,
+    so that ``seconds`` holds the exchange itself and ``wait_seconds`` the waiting for the slowest
+    rank (which otherwise falls inside the exchange). Off in training: it adds a collective."""
+    wait_seconds: float = 0.0
+    """With ``line_up``: time spent in those barriers."""
 
     def reset(self) -> None:
+        """Zero the counters (``line_up`` stays as it is)."""
         self.rows_sent = self.rows_received = self.bytes_sent = self.calls = 0
-        self.seconds = self.blocked_seconds = 0.0
+        self.seconds = self.blocked_seconds = self.wait_seconds = 0.0
+
+
+def _line_up(group, stats: ExchangeStats) -> None:
+    if stats.line_up:
+        start = time.perf_counter()
+        dist.barrier(group=group)
+        stats.wait_seconds += time.perf_counter() - start
 
 
 class _AllToAll(torch.autograd.Function):
@@ -95,6 +109,7 @@ class _AllToAll(torch.autograd.Function):
 def _exchange(x: torch.Tensor, output_splits: list, input_splits: list, group, stats: ExchangeStats, me: int):
     device = collective_device(group)  # x's own device under NCCL (CUDA) and gloo (CPU): no copy then
     out = x.new_empty((sum(output_splits), *x.shape[1:]), device=device)
+    _line_up(group, stats)
     start = time.perf_counter()
     dist.all_to_all_single(out, x.contiguous().to(device), output_splits, input_splits, group=group)
     elapsed = time.perf_counter() - start
@@ -158,6 +173,7 @@ class AllToAllDispatcher:
         device = collective_device(self.groups.group)
         send_counts = by_expert.tokens_per_expert.view(ep, local).to(device)  # [P, E/P]: rows for each rank's experts
         recv_counts = torch.empty_like(send_counts)  # [P, E/P]: rows from each rank for my experts
+        _line_up(self.groups.group, self.stats)
         start = time.perf_counter()
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.groups.group)
         elapsed = time.perf_counter() - start

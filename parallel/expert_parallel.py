@@ -57,7 +57,8 @@ def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> nn.
 
 def exchange_stats(model: nn.Module) -> dict:
     """Summed :class:`~parallel.dispatcher.ExchangeStats` of every all-to-all dispatcher, then reset."""
-    total = {"rows_sent": 0, "rows_received": 0, "bytes_sent": 0, "seconds": 0.0, "blocked_seconds": 0.0, "calls": 0}
+    total = {"rows_sent": 0, "rows_received": 0, "bytes_sent": 0, "seconds": 0.0, "blocked_seconds": 0.0,
+             "wait_seconds": 0.0, "calls": 0}
     for _, layer in moe_layers(model):
         stats = getattr(layer.dispatcher, "stats", None)
         if stats is None:
@@ -66,3 +67,13 @@ def exchange_stats(model: nn.Module) -> dict:
             total[key] += getattr(stats, key)
         stats.reset()
     return total
+
+
+def line_up_exchanges(model: nn.Module, on: bool = True) -> None:
+    """Measurement only: every all-to-all dispatcher of ``model`` lines its ranks up with a barrier
+    before each serial exchange (:attr:`~parallel.dispatcher.ExchangeStats.line_up`), so the exchange
+    time it counts leaves out the waiting for the slowest rank."""
+    for _, layer in moe_layers(model):
+        stats = getattr(layer.dispatcher, "stats", None)
+        if stats is not None:
+            stats.line_up = on

@@ -15,6 +15,8 @@ for each ``--chunks`` count (``model.moe.a2a_overlap_chunks``). It reports
                    backward; overlapped: from issue to completion, the union of those spans)
     not hidden     a2a not hidden, ms per step: time the rank's thread was blocked by all-to-all
                    (serial: all of a2a ms; overlapped: issuing, and waiting on handles)
+    wait ms        with --line-up, serial EP=2 only: time in the barrier before each exchange, the
+                   waiting for the slower rank, which a2a ms then leaves out (- otherwise)
     a2a share      a2a ms / step ms
     MB sent        bytes of token rows each rank sent to the other per step, as counted by the dispatcher
     formula MB     4 * L * T * k * d * bytes * (P - 1) / P: the same volume for perfectly balanced routing
@@ -46,7 +48,7 @@ CONFIGS = {
     "fine-grained": ["model.moe.num_experts=64", "model.moe.top_k=6", "model.moe.ffn_hidden_size=32",
                      "model.moe.k_schedule=constant"],
 }
-COLUMNS = ("step_ms", "a2a_ms", "blocked_ms", "a2a_share", "mb_sent", "formula_mb")
+COLUMNS = ("step_ms", "a2a_ms", "blocked_ms", "wait_ms", "a2a_share", "mb_sent", "formula_mb")
 DEFAULT_CHUNKS = "2,4"
 
 
@@ -64,6 +66,10 @@ def add_parser(which: argparse._SubParsersAction) -> None:
     parser.add_argument("--chunks", default=DEFAULT_CHUNKS, metavar="N[,N...]",
                         help=f"overlapped EP=2 cases: a2a_overlap_chunks values >= 2, comma-separated, or 'none' "
                              f"(default {DEFAULT_CHUNKS})")
+    parser.add_argument("--line-up", action="store_true",
+                        help="serial EP=2 cases: a barrier before each all-to-all, so that a2a ms is the exchange "
+                             "alone and the waiting for the slower rank is reported apart (wait ms); moe plan "
+                             "--validate measures this way")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.set_defaults(func=run_cli)
 
@@ -101,7 +107,7 @@ def run_cli(args: argparse.Namespace) -> int:
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                    str(free_port()), "--module", "launch.bench.ep", "--out", str(out),
                    "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--chunks", ",".join(map(str, chunks)) or "none"]
+                   "--chunks", ",".join(map(str, chunks)) or "none"] + (["--line-up"] if args.line_up else [])
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0 or not out.exists():
             tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
@@ -120,10 +126,11 @@ def print_report(report: dict) -> None:
     for line in __doc__.split("It reports")[1].split("All figures")[0].strip("\n").splitlines():
         print(line)
     print()
-    names = ("step ms", "a2a ms", "not hidden", "a2a share", "MB sent", "formula MB", "|dloss|", "|dgrad|")
+    names = ("step ms", "a2a ms", "not hidden", "wait ms", "a2a share", "MB sent", "formula MB", "|dloss|", "|dgrad|")
     print(f"{'config':<14}{'E':>4}{'k':>3}{'EP':>4}{'chunks':>7}  " + "".join(f"{c:>11}" for c in names))
     for row in report["results"]:
         cells = [f"{row['step_ms']:.1f}", f"{row['a2a_ms']:.1f}", f"{row['blocked_ms']:.1f}",
+                 f"{row['wait_ms']:.1f}" if row.get("lined_up") else "-",
                  f"{100 * row['a2a_share']:.1f}%", f"{row['mb_sent']:.2f}", f"{row['formula_mb']:.2f}",
                  _diff(row.get("loss_diff")), _diff(row.get("grad_diff"))]
         print(f"{row['config']:<14}{row['num_experts']:>4}{row['top_k']:>3}{row['ep']:>4}{row.get('chunks', 1):>7}  "
@@ -147,12 +154,12 @@ def _diff(value: Optional[float]) -> str:
 
 
 def _measure(name: str, overrides: list, ep: int, steps: int, warmup: int, rank: int, world: int,
-             chunks: int = 1) -> dict:
+             chunks: int = 1, line_up: bool = False) -> dict:
     from launch.config import load_run_config
     from moe import MoETransformer, collect_aux_losses, moe_layers, update_expert_biases
     from moe.devices import collective_device
     from parallel.engine import build_engine
-    from parallel.expert_parallel import apply_expert_parallel, exchange_stats
+    from parallel.expert_parallel import apply_expert_parallel, exchange_stats, line_up_exchanges
     from parallel.groups import expert_parallel_groups
 
     repo = Path(__file__).resolve().parents[2]
@@ -160,8 +167,10 @@ def _measure(name: str, overrides: list, ep: int, steps: int, warmup: int, rank:
                           [*overrides, "train.grad_clip=1.0", f"model.moe.a2a_overlap_chunks={chunks}"])
     torch.manual_seed(0)
     model = MoETransformer(cfg.model)
+    lined_up = line_up and ep > 1 and chunks == 1
     if ep > 1:
         apply_expert_parallel(model, expert_parallel_groups(ep))
+        line_up_exchanges(model, lined_up)
     engine = build_engine(model, cfg.deepspeed, cfg.train)
     t = cfg.train
     generator = torch.Generator().manual_seed(1000 + rank)
@@ -185,8 +194,8 @@ def _measure(name: str, overrides: list, ep: int, steps: int, warmup: int, rank:
         if step >= warmup:
             times.append(float(elapsed))
     counted = exchange_stats(model)
-    stats = torch.tensor([counted["seconds"], counted["bytes_sent"], counted["blocked_seconds"]], dtype=torch.float64,
-                         device=collective_device())
+    stats = torch.tensor([counted["seconds"], counted["bytes_sent"], counted["blocked_seconds"],
+                          counted["wait_seconds"]], dtype=torch.float64, device=collective_device())
     dist.all_reduce(stats)
     moe = cfg.model.moe
     num_moe_layers = len(list(moe_layers(model)))
@@ -197,6 +206,7 @@ def _measure(name: str, overrides: list, ep: int, steps: int, warmup: int, rank:
         "config": name, "num_experts": moe.num_experts, "top_k": moe.top_k, "ep": ep, "chunks": chunks,
         "hidden": moe.hidden_size, "moe_layers": num_moe_layers, "step_ms": 1e3 * step_s, "a2a_ms": 1e3 * a2a_s,
         "blocked_ms": 1e3 * float(stats[2]) / world / steps, "a2a_share": a2a_s / step_s,
+        "wait_ms": 1e3 * float(stats[3]) / world / steps, "lined_up": lined_up,
         "mb_sent": float(stats[1]) / world / steps / 1e6,
         "formula_mb": all_to_all_bytes_per_step(num_moe_layers, tokens, moe.top_k, moe.hidden_size, 4, ep) / 1e6,
     }
@@ -247,6 +257,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--chunks", default=DEFAULT_CHUNKS)
+    parser.add_argument("--line-up", action="store_true")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from parallel.engine import init_distributed
@@ -260,7 +271,8 @@ def main(argv: Optional[list] = None) -> int:
     chunks = parse_chunks(args.chunks)
     results = []
     for name, overrides in CONFIGS.items():
-        results += [_measure(name, overrides, ep, args.steps, args.warmup, rank, world) for ep in (1, 2)]
+        results += [_measure(name, overrides, ep, args.steps, args.warmup, rank, world, line_up=args.line_up)
+                    for ep in (1, 2)]
         differences = _differences(overrides, chunks, rank) if chunks else {}
         for n in chunks:
             row = _measure(name, overrides, 2, args.steps, args.warmup, rank, world, chunks=n)

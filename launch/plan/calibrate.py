@@ -4,8 +4,14 @@ It starts ``ranks`` processes joined by gloo, each with cores / ranks threads (w
 and ``moe train --nproc`` give each rank), and measures, all ranks at once:
 
     peak_flops             fp32 matmul FLOP/s of a 1024^3 matmul on one rank
-    matmul_efficiency      a [2048, 128] x [128, 384] matmul's rate over that (a small model's width)
-    memory_gbps            a + b into c over 32 MiB fp32 tensors: 3 x 32 MiB / time
+    matmul_efficiency      the rate of a [2048, 128] x [128, 384] linear layer's three training matmuls
+                           (x @ w, g @ w^T, x^T @ g: a small model's width) over that
+    memory_gbps            the rate at which a training step's elementwise work moves bytes: forward
+                           and backward of an RMS norm, a SiLU gate, a softmax, a residual add and a
+                           layout copy on [65536, 128] fp32 (32 MiB) tensors, the bytes every op reads
+                           and writes over the time (on one CPU thread the transcendental ops are
+                           compute-bound, several times slower than a stream: c = a + b over 32 MiB
+                           is measured too and printed beside it; on a GPU both are the memory's)
     op_overhead_us         forward + backward of a chain of ops on 8-element tensors: time per
                            dispatched op (counted the way ``moe plan`` counts a model's)
     intra_node_gbps        all_to_all_single of 16 MiB fp32 between the ranks: bytes sent per
@@ -59,6 +65,38 @@ def _ops_per_second_chain(torch, repeats: int) -> float:
     return _timed(chain, repeats) / ops
 
 
+def _elementwise_chain(torch, rows: int = 65536, width: int = 128):
+    """(chain, bytes it moves): forward + backward of a block's elementwise work on one
+    [rows, width] fp32 tensor; the bytes are those every dispatched op reads and writes, counted
+    the way the ops run (tensors of more than 64 elements)."""
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Bytes(TorchDispatchMode):
+        moved = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            Bytes.moved += sum(t.numel() * t.element_size() for t in tensors if t.numel() > 64)
+            return out
+
+    x = torch.randn(rows, width, requires_grad=True)
+    scale = torch.ones(width, requires_grad=True)
+    grad = torch.randn(width, rows)
+
+    def chain():
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * scale  # RMS norm
+        p = torch.softmax(F.silu(h) * h, dim=-1)  # a SiLU gate, a softmax
+        (p + x).transpose(0, 1).contiguous().backward(grad)  # residual, a layout copy
+        x.grad = scale.grad = None
+
+    with Bytes():
+        chain()
+    return chain, Bytes.moved
+
+
 def _rank(rank: int, world: int, port: int, threads: int, results) -> None:
     import torch
     import torch.distributed as dist
@@ -72,15 +110,23 @@ def _rank(rank: int, world: int, port: int, threads: int, results) -> None:
         return _timed(fn, repeats)
 
     big = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    small = torch.randn(2048, 128), torch.randn(128, 384)
+    x, w, g = torch.randn(2048, 128), torch.randn(128, 384), torch.randn(2048, 384)
+
+    def training_matmuls():  # a linear layer's forward and its two backward products, as training runs them
+        for _ in range(7):
+            x @ w, g @ w.t(), x.t() @ g
+
     big_rates, small_rates = [], []
     dist.barrier()
     for _ in range(3 * repeats):  # interleaved, so that both see the same share of a busy machine
         big_rates.append(2 * 1024**3 / _timed(lambda: big[0] @ big[1], 1))
-        small_rates.append(20 * 2 * 2048 * 128 * 384 / _timed(lambda: [small[0] @ small[1] for _ in range(20)], 1))
+        small_rates.append(7 * 3 * 2 * 2048 * 128 * 384 / _timed(training_matmuls, 1))
     peak, small_rate = statistics.median(big_rates), statistics.median(small_rates)
     a, b, c = (torch.randn(8 << 20) for _ in range(3))  # 32 MiB each
-    memory = 3 * a.numel() * 4 / together(lambda: torch.add(a, b, out=c))
+    stream = 3 * a.numel() * 4 / together(lambda: torch.add(a, b, out=c))
+    del a, b, c
+    chain, moved = _elementwise_chain(torch)
+    memory = moved / together(chain)
     dist.barrier()
     op_s = _ops_per_second_chain(torch, repeats)
     payload = torch.randn(4 << 20)  # 16 MiB
@@ -92,6 +138,7 @@ def _rank(rank: int, world: int, port: int, threads: int, results) -> None:
     nbytes = payload.numel() * 4
     sent = nbytes * (world - 1) / world
     row = {"peak_flops": peak, "matmul_efficiency": small_rate / peak, "memory_gbps": memory / 1e9,
+           "stream_gbps": stream / 1e9,
            "op_overhead_us": op_s * 1e6, "intra_node_gbps": sent / a2a_s / 1e9,
            "allreduce_bus_gbps": 2 * (world - 1) / world * nbytes / allreduce_s / 1e9,
            "collective_latency_us": latency_s / (2 * (world - 1)) * 1e6}
@@ -145,10 +192,12 @@ def as_yaml(values: dict, ranks: int) -> str:
         "memory_reserve_gib: 0.6",
         "provenance:",
         f'  peak_flops: "{measured}: fp32 1024^3 matmul on one rank while every rank runs one"',
-        f'  matmul_efficiency: "{measured}: a [2048,128]x[128,384] matmul over the 1024^3 rate '
+        f'  matmul_efficiency: "{measured}: x @ w, g @ w^T and x^T @ g of x [2048,128], w [128,384] over the 1024^3 rate '
         f'({values["matmul_efficiency"]:.3g}, at most 1)"',
         f'  memory_gib: "the machine\'s RAM ({ram_gib:.1f} GiB) shared by {ranks} ranks"',
-        f'  memory_gbps: "{measured}: c = a + b over 32 MiB fp32 tensors"',
+        f'  memory_gbps: "{measured}: forward + backward of an RMS norm, a SiLU gate, a softmax, a residual add '
+        f'and a layout copy on [65536, 128] fp32, bytes every op reads and writes / time (a stream, c = a + b '
+        f'over 32 MiB, ran at {values["stream_gbps"]:.3g})"',
         f'  op_overhead_us: "{measured}: forward + backward of a chain of ops on 8 numbers, per dispatched op"',
         f'  intra_node_gbps: "{measured}: all_to_all_single of 16 MiB, bytes sent per rank / time '
         f'(the all-reduce\'s bus bandwidth was {values["allreduce_bus_gbps"]:.3g})"',

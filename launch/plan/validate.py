@@ -103,6 +103,8 @@ def run_bench_ep(steps: int = 8) -> dict:
         command = [sys.executable, "-m", "launch.cli", "bench", "ep", "--steps", str(steps), "--json", str(out)]
         if _bench_has_option("--chunks"):
             command += ["--chunks", "none"]
+        if _bench_has_option("--line-up"):
+            command += ["--line-up"]  # the exchange alone: the model's ranks are balanced
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if result.returncode != 0 or not out.exists():
             tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-10:])
@@ -142,9 +144,14 @@ def bench_rows(report: dict, cluster: Cluster) -> list[Row]:
                         note=f"compute {1e3 * est.compute_s:.0f} ({est.detail}), a2a {1e3 * est.a2a_s:.0f}, "
                              f"all-reduce {1e3 * est.allreduce_s:.0f}"))
         if result["ep"] > 1:
-            rows.append(Row(f"{label}: all-to-all", "ms", 1e3 * est.a2a_s, result["a2a_ms"],
-                            note="measured: time inside the calls, waiting for the other rank included; "
-                                 "predicted: transfer and latency of balanced ranks"))
+            if result.get("lined_up"):
+                note = (f"measured: the exchanges alone, the ranks lined up by a barrier before each (waiting for "
+                        f"the slower rank: {result['wait_ms']:.1f} ms per step, left out); predicted: transfer "
+                        "and latency of balanced ranks")
+            else:
+                note = ("measured: time inside the calls, waiting for the other rank included; "
+                        "predicted: transfer and latency of balanced ranks")
+            rows.append(Row(f"{label}: all-to-all", "ms", 1e3 * est.a2a_s, result["a2a_ms"], note=note))
     return rows
 
 

@@ -245,5 +245,9 @@ def test_bench_rows_compare_each_reported_case(tmp_path):
     ]}
     rows = bench_rows(report, cluster(device="cpu"))
     assert [r.name for r in rows] == ["bench ep tiny EP=1: step", "bench ep tiny EP=2: step", "bench ep tiny EP=2: all-to-all"]
+    assert "waiting for the other rank included" in rows[2].note
+    report["results"][1].update(lined_up=True, wait_ms=12.5)  # moe bench ep --line-up
+    lined_up = bench_rows(report, cluster(device="cpu"))[2]
+    assert lined_up.measured == 100.0 and "lined up by a barrier" in lined_up.note and "12.5 ms" in lined_up.note
     assert all(r.predicted > 0 and r.ratio == pytest.approx(r.predicted / r.measured) for r in rows)
     assert {r.verdict for r in rows} <= {"PASS", "FAIL"}

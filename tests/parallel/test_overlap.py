@@ -183,6 +183,37 @@ def _strict_device(rank: int, world: int) -> dict:
             "calls": [[name, devices] for name, devices in device_group.LazyStrictGroup.calls]}
 
 
+def _lined_up(rank: int, groups) -> dict:
+    """The serial layer with ``line_up`` (moe bench ep --line-up): rank 1 starts 0.3 s late, so rank 0
+    waits that long before its first exchange; lined up, the wait is counted apart from the exchange."""
+    import time
+
+    from parallel.expert_parallel import apply_expert_parallel, exchange_stats, line_up_exchanges
+
+    options = CASES["learned_top2"]
+    serial = _run_layer(options, 1, groups, rank)
+    config = MoEConfig(hidden_size=12, ffn_hidden_size=10, num_experts=8, **options["config"])
+    found = {}
+    for line_up in (False, True):
+        torch.manual_seed(0)
+        layer = apply_expert_parallel(MoELayer(config, layer_idx=3).train(), groups)
+        line_up_exchanges(layer, line_up)
+        x, g = _tokens(rank, options["tokens"][rank], config.hidden_size)
+        x.requires_grad_(True)
+        dist.barrier()
+        if rank == 1:
+            time.sleep(0.3)
+        y = layer(x)
+        (y * g).sum().backward()
+        tensors = {"output": y.detach(), "input": x.grad,
+                   **{name: p.grad for name, p in layer.named_parameters() if p.grad is not None}}
+        stats = exchange_stats(layer)
+        found[str(line_up)] = {"equal": all(torch.equal(serial["tensors"][k], v) for k, v in tensors.items()),
+                               "seconds": stats["seconds"], "wait_seconds": stats["wait_seconds"],
+                               "calls": stats["calls"]}
+    return found
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from parallel.groups import ExpertParallelGroups
 
@@ -199,6 +230,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         result["schedule"] = _schedule_log(rank, groups)
         result["single_rank_ep"] = _single_rank_ep(rank)
         result["strict_device"] = _strict_device(rank, world)
+        result["lined_up"] = _lined_up(rank, groups)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
     finally:
@@ -269,6 +301,14 @@ def test_chunks_at_ep1_are_a_no_op(ranks):
     for result in ranks:
         r = result["single_rank_ep"]
         assert r["equal"] and r["chunks"] == 1 and r["calls"] == 4, r
+
+
+def test_lined_up_exchanges_count_the_waiting_apart_and_change_no_result(ranks):
+    plain, lined_up = ranks[0]["lined_up"]["False"], ranks[0]["lined_up"]["True"]
+    assert plain["equal"] and lined_up["equal"]
+    assert plain["calls"] == lined_up["calls"] > 0
+    assert plain["wait_seconds"] == 0.0 and plain["seconds"] >= 0.25  # rank 1's late start falls inside an exchange
+    assert lined_up["wait_seconds"] >= 0.25 and lined_up["seconds"] < plain["seconds"] - 0.2  # ...or in the barrier
 
 
 def test_chunks_without_expert_parallelism_change_nothing():
