@@ -476,13 +476,20 @@ def _xty_chunk_reduce_kernel(partial_ptr, partial2_ptr, out_ptr, out2_ptr, offse
 
 
 @triton.jit
-def _segment_sum_kernel(src_ptr, order_ptr, seg_ptr, out_ptr, D, stride_sm, stride_om, BLOCK_D: tl.constexpr):
-    """out[m] = sum over j in [seg[m], seg[m+1]) of src[order[j]], in increasing j, in fp32."""
+def _segment_sum_kernel(src_ptr, order_ptr, seg_ptr, out_ptr, D, stride_sm, stride_om, seg_stride,
+                        BLOCK_D: tl.constexpr):
+    """out[m] = sum over j in [seg[m], seg[m+1]) of src[order[j]], in increasing j, in fp32. With
+    ``seg_stride > 0`` the segments are implicit, ``[m * seg_stride, (m + 1) * seg_stride)``, and
+    ``seg_ptr`` is not read."""
     m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
-    start = tl.load(seg_ptr + m)
-    end = tl.load(seg_ptr + m + 1)
+    if seg_stride > 0:
+        start = m.to(tl.int64) * seg_stride
+        end = start + seg_stride
+    else:
+        start = tl.load(seg_ptr + m).to(tl.int64)
+        end = tl.load(seg_ptr + m + 1).to(tl.int64)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for j in range(start, end):
         row = tl.load(order_ptr + j).to(tl.int64)
@@ -926,8 +933,12 @@ def source_segments(row_index: torch.Tensor, num_sources: int):
     return order, torch.searchsorted(sorted_index, targets)
 
 
-def segment_sum(src, order, segments, num_sources: int, out_dtype=None):
-    """``out [num_sources, D]``: ``out[m] = sum of src[order[j]] for j in segments[m]:segments[m+1]`` (fp32 sums)."""
+def segment_sum(src, order, segments, num_sources: int, out_dtype=None, rows_per_source: int = 0):
+    """``out [num_sources, D]``: ``out[m] = sum of src[order[j]] for j in segments[m]:segments[m+1]`` (fp32 sums).
+
+    With ``rows_per_source = r > 0`` every source has exactly r rows, ``order[m*r : (m+1)*r]``, and
+    ``segments`` is not used (may be None).
+    """
     D = src.shape[1]
     out = src.new_empty(num_sources, D, dtype=out_dtype or src.dtype)
     if num_sources == 0 or D == 0:
@@ -939,5 +950,8 @@ def segment_sum(src, order, segments, num_sources: int, out_dtype=None):
     block_d = min(triton.next_power_of_2(D), 16 if interpreting() else 1024)
     grid = (num_sources, triton.cdiv(D, block_d))
     kwargs = {} if interpreting() else dict(num_warps=4 if block_d >= 512 else 2)
-    _segment_sum_kernel[grid](src, order, segments, out, D, src.stride(0), out.stride(0), BLOCK_D=block_d, **kwargs)
+    if rows_per_source > 0 and order.shape[0] != rows_per_source * num_sources:
+        raise ValueError(f"segment_sum: {order.shape[0]} rows are not {rows_per_source} per source for {num_sources} sources")
+    _segment_sum_kernel[grid](src, order, segments if rows_per_source <= 0 else order, out, D, src.stride(0),
+                              out.stride(0), max(0, rows_per_source), BLOCK_D=block_d, **kwargs)
     return out

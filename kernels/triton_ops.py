@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from kernels.expert_mlp import check_source_order
+
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 
 
@@ -153,10 +155,23 @@ def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -
 # ---------------------------------------------------------------------------------------------
 
 
+def _sum_at_sources(k, rows: torch.Tensor, row_index: torch.Tensor, source_order: Optional[torch.Tensor],
+                    num_sources: int) -> torch.Tensor:
+    """``[num_sources, d]``: each source row's grouped rows of ``rows [N, d]`` summed (fp32 sums, a fixed
+    order). ``source_order`` (from the dispatcher) names them directly; without it a stable sort of
+    ``row_index`` finds them."""
+    if source_order is not None:
+        return k.segment_sum(rows, source_order, None, num_sources,
+                             rows_per_source=source_order.shape[0] // max(1, num_sources))
+    order, segments = k.source_segments(row_index, num_sources)
+    return k.segment_sum(rows, order, segments, num_sources)
+
+
 @torch.library.custom_op("slimmoe::expert_mlp", mutates_args=())
 def _expert_mlp_op(
     x: torch.Tensor, row_index: torch.Tensor, row_weight: torch.Tensor, offsets: torch.Tensor,
     w1: torch.Tensor, w3: Optional[torch.Tensor], w2: torch.Tensor, activation: str, save: bool,
+    source_order: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [M, d], h1 [N, f], h3 [N, f]): h1/h3 are the saved pre-activations (empty unless ``save``;
     h3 only for SwiGLU)."""
@@ -165,13 +180,12 @@ def _expert_mlp_op(
     act, h1, h3 = k.gemm_act(x, row_index, offsets, w1, w3, activation, save)  # act [N, f]
     y = k.grouped_gemm(act, w2, offsets, row_scale=row_weight)  # [N, d], weighted, one row per assignment
     del act
-    order, segments = k.source_segments(row_index, x.shape[0])
-    out = k.segment_sum(y, order, segments, x.shape[0])
+    out = _sum_at_sources(k, y, row_index, source_order, x.shape[0])
     return out, (h1 if h1 is not None else _empty(x)), (h3 if h3 is not None else _empty(x))
 
 
 @_expert_mlp_op.register_fake
-def _(x, row_index, row_weight, offsets, w1, w3, w2, activation, save):
+def _(x, row_index, row_weight, offsets, w1, w3, w2, activation, save, source_order=None):
     num_rows, ffn = row_index.shape[0], w1.shape[2]
     h1 = x.new_empty(num_rows, ffn) if save else _empty(x)
     h3 = x.new_empty(num_rows, ffn) if save and activation == "swiglu" else _empty(x)
@@ -183,6 +197,7 @@ def _expert_mlp_backward_op(
     grad_out: torch.Tensor, x: torch.Tensor, row_index: torch.Tensor, row_weight: torch.Tensor,
     offsets: torch.Tensor, w1: torch.Tensor, w3: Optional[torch.Tensor], w2: torch.Tensor,
     h1: torch.Tensor, h3: torch.Tensor, activation: str, needs: list[bool],
+    source_order: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (x, row_weight, w1, w3, w2); an empty tensor for each one ``needs`` does not ask for."""
     _require_usable("slimmoe::expert_mlp_backward", x)
@@ -210,14 +225,13 @@ def _expert_mlp_backward_op(
         if swiglu and w3t.stride() != w1t.stride():
             w1t, w3t = w1t.contiguous(), w3t.contiguous()
         grad_rows = k.grouped_gemm(dh1, w1t, offsets, a2=dh3, b2=w3t)  # [N, d], one row per assignment
-        order, segments = k.source_segments(row_index, x.shape[0])
-        grad_x = k.segment_sum(grad_rows, order, segments, x.shape[0])
+        grad_x = _sum_at_sources(k, grad_rows, row_index, source_order, x.shape[0])
     grad_rw = drw.to(row_weight.dtype) if need_rw else _empty(row_weight)
     return grad_x, grad_rw, grad_w1, grad_w3, grad_w2
 
 
 @_expert_mlp_backward_op.register_fake
-def _(grad_out, x, row_index, row_weight, offsets, w1, w3, w2, h1, h3, activation, needs):
+def _(grad_out, x, row_index, row_weight, offsets, w1, w3, w2, h1, h3, activation, needs, source_order=None):
     need_x, need_rw, need_w1, need_w3, need_w2 = needs
     return (
         torch.empty_like(x) if need_x else _empty(x),
@@ -229,27 +243,27 @@ def _(grad_out, x, row_index, row_weight, offsets, w1, w3, w2, h1, h3, activatio
 
 
 def _expert_mlp_setup(ctx, inputs, output):
-    x, row_index, row_weight, offsets, w1, w3, w2, activation, save = inputs
+    x, row_index, row_weight, offsets, w1, w3, w2, activation, save, *rest = inputs
     _, h1, h3 = output
     ctx.activation = activation
     ctx.saved_activations = save
-    ctx.save_for_backward(x, row_index, row_weight, offsets, w1, w3, w2, h1, h3)
+    ctx.save_for_backward(x, row_index, row_weight, offsets, w1, w3, w2, h1, h3, rest[0] if rest else None)
     ctx.mark_non_differentiable(h1, h3)
     ctx.set_materialize_grads(False)
 
 
 def _expert_mlp_backward(ctx, grad_out, *_unused_grads):
-    """Gradients for (x, row_index, row_weight, offsets, w1, w3, w2, activation[, save])."""
-    x, row_index, row_weight, offsets, w1, w3, w2, h1, h3 = ctx.saved_tensors
+    """Gradients for (x, row_index, row_weight, offsets, w1, w3, w2, activation[, save, source_order])."""
+    x, row_index, row_weight, offsets, w1, w3, w2, h1, h3, source_order = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[i]) for i in (0, 2, 4, 5, 6)]
     if grad_out is None or not any(needs):
         return (None,) * len(ctx.needs_input_grad)
     if not ctx.saved_activations:
         raise RuntimeError("slimmoe::expert_mlp was called with save=False, so it cannot be differentiated")
     grads = torch.ops.slimmoe.expert_mlp_backward(grad_out, x, row_index, row_weight, offsets, w1, w3, w2, h1, h3,
-                                                  ctx.activation, needs)
+                                                  ctx.activation, needs, source_order)
     grad_x, grad_rw, grad_w1, grad_w3, grad_w2 = (g if need else None for g, need in zip(grads, needs))
-    return (grad_x, None, grad_rw, None, grad_w1, grad_w3, grad_w2, None, None)[: len(ctx.needs_input_grad)]
+    return (grad_x, None, grad_rw, None, grad_w1, grad_w3, grad_w2, None, None, None)[: len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("slimmoe::expert_mlp", _expert_mlp_backward, setup_context=_expert_mlp_setup)
@@ -259,12 +273,13 @@ class ExpertMLP(torch.autograd.Function):
     """:func:`expert_mlp_triton` as an autograd Function (same kernels, same backward)."""
 
     @staticmethod
-    def forward(ctx, x, row_index, row_weight, offsets, w1, w3, w2, activation):
+    def forward(ctx, x, row_index, row_weight, offsets, w1, w3, w2, activation, source_order=None):
         save = any(ctx.needs_input_grad)
-        out, h1, h3 = torch.ops.slimmoe.expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation, save)
+        out, h1, h3 = torch.ops.slimmoe.expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation, save,
+                                                   source_order)
         ctx.activation = activation
         ctx.saved_activations = save
-        ctx.save_for_backward(x, row_index, row_weight, offsets, w1, w3, w2, h1, h3)
+        ctx.save_for_backward(x, row_index, row_weight, offsets, w1, w3, w2, h1, h3, source_order)
         ctx.set_materialize_grads(False)
         return out
 
@@ -273,7 +288,7 @@ class ExpertMLP(torch.autograd.Function):
         return _expert_mlp_backward(ctx, grad_out)
 
 
-def _check_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation):
+def _check_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation, source_order=None):
     if activation not in ACTIVATIONS:
         raise ValueError(f"expert_mlp_triton: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if (w3 is None) == (activation == "swiglu"):
@@ -291,18 +306,28 @@ def _check_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation)
         raise ValueError(f"expert_mlp_triton: row_index must be int64 (or int32), got {row_index.dtype}")
     if any(w is not None and w.dtype != x.dtype for w in (w1, w3, w2)):
         raise ValueError(f"expert_mlp_triton: x is {x.dtype} but the expert weights are {w1.dtype}")
+    check_source_order(source_order, row_index, x.shape[0], "expert_mlp_triton")
 
 
-def expert_mlp_triton(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = "swiglu") -> torch.Tensor:
+def expert_mlp_triton(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = "swiglu",
+                      source_order: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out [M, d]``: ``out[m] = sum over i with row_index[i] = m of row_weight[i] * expert_i(x[m])``.
 
     The semantics of :func:`kernels.expert_mlp_reference`: ``x [M, d]``, ``row_index [N]`` (grouped
     rows sorted by expert), ``row_weight [N]``, ``offsets [E]`` int32, ``w1 [E, d, f]``, ``w3 [E, d, f]``
     (SwiGLU only, else None), ``w2 [E, f, d]``. Differentiable in ``x``, ``row_weight`` and the
     weights; the pre-activations are saved only when a gradient can be needed.
+
+    ``source_order [N]`` (optional): the grouped rows of each source row, ``r = N / M`` per row:
+    ``row_index[source_order[m * r + j]] == m`` for ``j < r`` (what a dispatcher knows when every
+    token keeps its k assignments: the inverse of its sort). With it the results are summed at their
+    source rows without sorting ``row_index`` again, in forward and in backward; the sums are the
+    same, in a possibly different order of the r terms. Its consistency with ``row_index`` is the
+    caller's promise (checking it would cost a host sync).
     """
-    _check_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation)
+    _check_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation, source_order)
     _require_usable("expert_mlp_triton", x)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, row_weight, w1, w3, w2))
-    out, _, _ = torch.ops.slimmoe.expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation, save)
+    out, _, _ = torch.ops.slimmoe.expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation, save,
+                                             source_order)
     return out

@@ -2,9 +2,11 @@
 
 ``dispatch(x, routing)`` returns :class:`GroupedRows`: the rows the experts read (``source``), and
 for every (token, choice) assignment kept, sorted by expert, the row it reads and writes
-(``row_index``) and its gate weight (``row_weight``). The experts gather, compute, weight and
-scatter-add in one fused op (``kernels.expert_mlp``), so no sorted copy of the tokens is ever
-made. ``combine(out, state)`` turns the experts' output rows into ``y [T, d]``.
+(``row_index``) and its gate weight (``row_weight``), and, when every source row has the same
+number of assignments, where each source row's assignments went (``source_order``, the inverse of
+the sort). The experts gather, compute, weight and scatter-add in one fused op
+(``kernels.expert_mlp``), so no sorted copy of the tokens is ever made, and the sum at the source
+rows needs no second sort. ``combine(out, state)`` turns the experts' output rows into ``y [T, d]``.
 
 :class:`LocalDispatcher` (one device) reads and writes the layer's own token rows, so its
 ``combine`` has nothing left to do. ``parallel``'s all-to-all dispatcher implements the same
@@ -15,7 +17,7 @@ results back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -34,6 +36,10 @@ class GroupedRows:
     """[N]: the gate weight of each assignment."""
     tokens_per_expert: torch.Tensor
     """[E_local] int64: assignments per local expert (sums to N)."""
+    source_order: Optional[torch.Tensor] = None
+    """[N] int64 or None: with r = N / M assignments per source row, source row m's are the grouped rows
+    ``source_order[m*r : (m+1)*r]`` (``row_index[source_order[m*r + j]] == m``). None where rows have
+    different numbers of assignments (capacity dropping)."""
 
 
 class LocalDispatcher:
@@ -49,18 +55,42 @@ class LocalDispatcher:
         return out  # the experts already added each weighted result at its token's row
 
 
+def sort_keys(ids: torch.Tensor, largest: int) -> torch.Tensor:
+    """``ids`` (values in 0..largest) in the narrowest integer dtype that holds them: a radix sort
+    (CUDA's) makes one pass per key byte, so uint8 keys take one pass where int64 take eight."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if largest <= torch.iinfo(dtype).max:
+            return ids.to(dtype)
+    return ids
+
+
+def argsort_by_expert(expert_ids: torch.Tensor, largest: int) -> torch.Tensor:
+    """Stable argsort of ``expert_ids`` (values in 0..largest), int64 positions."""
+    return torch.argsort(sort_keys(expert_ids, largest), stable=True)
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """``inverse[order[i]] = i`` (one scatter, no sort)."""
+    positions = torch.arange(order.shape[0], device=order.device, dtype=order.dtype)
+    return torch.empty_like(order).scatter_(0, order, positions)
+
+
 def sort_by_expert(x: torch.Tensor, routing: Routing, num_experts: int) -> GroupedRows:
     """Group the kept assignments of ``routing`` by expert (a stable sort keeps token order)."""
     top_k = routing.indices.shape[1]
     expert_of_slot = routing.indices.flatten()  # [T*k]
     if routing.kept is not None:  # dropped slots sort past the last expert and are cut off
         expert_of_slot = expert_of_slot.masked_fill(~routing.kept.flatten(), num_experts)
-    order = torch.argsort(expert_of_slot, stable=True)  # [T*k]
+    order = argsort_by_expert(expert_of_slot, num_experts)  # [T*k]
+    source_order = None
     if routing.kept is not None:  # the one data-dependent size, only with capacity dropping
         order = order[: int(routing.tokens_per_expert.sum())]  # [N]
+    else:  # slot t*k + j is token t's j-th choice: the inverse of the sort lists each token's k rows
+        source_order = inverse_permutation(order)
     return GroupedRows(
         source=x,
         row_index=order // top_k,
         row_weight=routing.weights.flatten()[order],
         tokens_per_expert=routing.tokens_per_expert,
+        source_order=source_order,
     )

@@ -43,7 +43,7 @@ class GroupedExperts(nn.Module):
         offsets = kernels.offsets_from_counts(rows.tokens_per_expert)
         return kernels.expert_mlp(
             rows.source, rows.row_index, rows.row_weight, offsets, self.w1, self.w3, self.w2,
-            activation=self.activation, backend=self.backend,
+            activation=self.activation, backend=self.backend, source_order=rows.source_order,
         )
 
 

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.devices import collective_device
-from moe.dispatch import GroupedRows, sort_by_expert
+from moe.dispatch import GroupedRows, argsort_by_expert, inverse_permutation, sort_by_expert
 from moe.errors import UserError
 from moe.routers import Routing
 from parallel.groups import ExpertParallelGroups
@@ -135,6 +135,8 @@ class _Exchange:
     num_tokens: int = 0
     back: Optional[torch.Tensor] = None
     """[N, d] with overlap: the expert outputs of the sent rows, already home (same order)."""
+    source_order: Optional[torch.Tensor] = None
+    """[T*k] dropless only: token t's k sent rows are ``source_order[t*k : (t+1)*k]``."""
 
 
 class AllToAllDispatcher:
@@ -184,7 +186,8 @@ class AllToAllDispatcher:
         self.stats.rows_received += sum(recv_splits) - recv_splits[me]
 
         sent = x.index_select(0, by_expert.row_index)  # [N, d], grouped by destination rank
-        state = _Exchange(by_expert.row_index, by_expert.row_weight, send_splits, recv_splits, x.shape[0])
+        state = _Exchange(by_expert.row_index, by_expert.row_weight, send_splits, recv_splits, x.shape[0],
+                          source_order=by_expert.source_order)
         if self.chunks > 1:
             send_list, recv_list = torch.stack([send_counts, recv_counts]).tolist()
             plan = _Plan(send_list, recv_list, self.chunks, self.groups.group, self.stats, me, device,
@@ -199,12 +202,13 @@ class AllToAllDispatcher:
         # received rows are grouped by (source rank, local expert); group them by local expert
         local_expert = torch.arange(local, device=x.device).repeat(ep)  # [P * E/P]
         expert_of_row = torch.repeat_interleave(local_expert, recv_counts.flatten().to(x.device))  # [M]
-        order = torch.argsort(expert_of_row, stable=True)
+        order = argsort_by_expert(expert_of_row, local - 1)
         rows = GroupedRows(
             source=received,
             row_index=order,
             row_weight=torch.ones(received.shape[0], dtype=routing.weights.dtype, device=x.device),
             tokens_per_expert=recv_counts.sum(0).to(x.device),
+            source_order=inverse_permutation(order),  # one grouped row per received row
         )
         return rows, state
 
@@ -216,6 +220,9 @@ class AllToAllDispatcher:
             back = _AllToAll.apply(out, state.send_splits, state.recv_splits, self.groups.group, self.stats,
                                    self.groups.rank)
         weighted = back * state.row_weight.unsqueeze(1).to(back.dtype)  # [N, d]
+        if state.source_order is not None and state.num_tokens:  # each token's k rows, summed in a fixed order
+            per_token = weighted.index_select(0, state.source_order)
+            return per_token.view(state.num_tokens, -1, back.shape[1]).sum(1)
         y = back.new_zeros((state.num_tokens, back.shape[1]))
         return y.index_add(0, state.row_index, weighted)
 
@@ -273,9 +280,10 @@ class _Plan:
                                                 counts.flatten())  # [M_c]
         tokens_per_expert = torch.zeros(self.local, dtype=torch.long, device=device)
         tokens_per_expert[a:b] = counts.sum(0)
-        return GroupedRows(source=source, row_index=torch.argsort(expert_of_row, stable=True),
+        order = argsort_by_expert(expert_of_row, self.local - 1)
+        return GroupedRows(source=source, row_index=order,
                            row_weight=torch.ones(source.shape[0], dtype=self.weight_dtype, device=device),
-                           tokens_per_expert=tokens_per_expert)
+                           tokens_per_expert=tokens_per_expert, source_order=inverse_permutation(order))
 
     def start(self, out: torch.Tensor, x: torch.Tensor, output_splits: list, input_splits: list) -> "_Pending":
         return _Pending(out, x, output_splits, input_splits, self)

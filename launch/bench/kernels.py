@@ -174,14 +174,18 @@ def load_imbalance(indices: torch.Tensor, num_experts: int) -> float:
 
 
 def group_by_expert(indices: torch.Tensor, weights: torch.Tensor, num_experts: int):
-    """(row_index [N] int64, row_weight [N], offsets [E] int32, tokens_per_expert [E] int64): the
-    expert_mlp inputs, grouped as the layer's dispatcher groups them (dropless)."""
+    """(row_index [N] int64, row_weight [N], offsets [E] int32, tokens_per_expert [E] int64,
+    source_order [N] int64): the expert_mlp inputs, grouped by the layer's own dispatcher
+    (``moe.dispatch.sort_by_expert``, dropless)."""
     from kernels import offsets_from_counts
+    from moe.dispatch import sort_by_expert
+    from moe.routers import Routing
 
-    top_k = indices.shape[1]
-    order = torch.argsort(indices.flatten(), stable=True)  # [T*k]: slots sorted by expert, token order kept
     tokens_per_expert = torch.bincount(indices.flatten(), minlength=num_experts)
-    return order // top_k, weights.flatten()[order], offsets_from_counts(tokens_per_expert), tokens_per_expert
+    rows = sort_by_expert(indices.new_empty(indices.shape[0], 0), Routing(indices, weights, tokens_per_expert,
+                                                                          tokens_per_expert), num_experts)
+    return (rows.row_index, rows.row_weight, offsets_from_counts(tokens_per_expert), tokens_per_expert,
+            rows.source_order)
 
 
 def torch_backend_path(d: int, f: int, capability: tuple[int, int]) -> str:
@@ -445,7 +449,8 @@ def _measure_backend(backend: str, inputs: dict, reference: Optional[torch.Tenso
     leaves = (x, row_weight, w1, w3, w2)
 
     def forward() -> torch.Tensor:
-        return expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation="swiglu", backend=backend)
+        return expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation="swiglu", backend=backend,
+                          source_order=inputs["source_order"])
 
     def forward_backward() -> None:
         forward().backward(grad_out)
@@ -485,13 +490,14 @@ def _measure_backend(backend: str, inputs: dict, reference: Optional[torch.Tenso
 def _moe_inputs(d: int, f: int, experts: int, k: int, tokens: int, routing: str, seed: int, device: torch.device,
                 dtype: torch.dtype) -> tuple[dict, float]:
     indices, weights = make_routing(tokens, experts, k, routing, seed)
-    row_index, row_weight, offsets, _ = group_by_expert(indices, weights, experts)
+    row_index, row_weight, offsets, _, source_order = group_by_expert(indices, weights, experts)
     opts = {"device": device, "dtype": dtype}
     inputs = {
         "x": torch.randn(tokens, d, **opts).requires_grad_(),
         "row_index": row_index.to(device),
         "row_weight": row_weight.to(device).requires_grad_(),  # fp32, as the router's gate weights
         "offsets": offsets.to(device),
+        "source_order": source_order.to(device),
         "w1": (torch.randn(experts, d, f, **opts) / math.sqrt(d)).requires_grad_(),
         "w3": (torch.randn(experts, d, f, **opts) / math.sqrt(d)).requires_grad_(),
         "w2": (torch.randn(experts, f, d, **opts) / math.sqrt(f)).requires_grad_(),

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from launch.bench.profiling import profile_calls, short_name
 from launch.bench.shapes import parse_shapes
 from moe.errors import UserError
 
@@ -77,6 +78,8 @@ TARGET_OURS_PER_DENSE_MLP = 1.3  # issue 17, target 0: ours <= 1.3x the dense ML
 WARMUP = 2
 COLUMNS = (  # (key, header, definition)
     ("ours_ms", "ours ms", "moe.MoELayer forward+backward, median wall time"),
+    ("ours_host_ms", "ours host ms", "CUDA only: the host's part of ours ms, until forward+backward returned (the "
+     "device was synchronised before the call, not yet after it): close to ours ms, the GPU waited for the launches"),
     ("deepspeed_ms", "deepspeed ms", "deepspeed.moe.layer.MoE (dropless, same experts and routing) forward+backward"),
     ("dense_mlp_ms", "dense MLP ms", "the same dense MLP on T*k rows forward+backward (same FLOPs, no routing)"),
     ("dense_gemm_ms", "dense GEMM ms", "only the dense MLP's forward and backward matmuls (SwiGLU 3+6, GELU 2+4; "
@@ -100,7 +103,9 @@ RATIOS = {  # ratio key: (numerator, denominator), both time keys
 }
 TIME_KEYS = tuple(key for key, _, _ in COLUMNS if key.endswith("_ms"))
 SHAPE_HEADER = "d,f,E,k,T"
-Step = Callable[[], float]
+PROFILE_CALLS = 3
+PROFILE_TOP = 8
+PROFILED = ("ours_ms", "dense_mlp_ms")  # the columns profiled when --profile-calls > 0
 
 
 def add_parser(which: argparse._SubParsersAction) -> None:
@@ -118,6 +123,10 @@ def add_parser(which: argparse._SubParsersAction) -> None:
     layer.add_argument("--shapes", default=None,
                        help=f'"d,f,E,k[,T];..." (default on the CPU "{DEFAULT_SHAPES}" with T from --tokens; '
                             f'on CUDA "{DEFAULT_SHAPES_CUDA}")')
+    layer.add_argument("--profile-calls", type=int, default=PROFILE_CALLS,
+                       help=f"after the timing, torch.profiler over this many more calls of ours and of the dense MLP "
+                            f"per shape: kernels per call, the GPU's busy time, ours' top kernels (default "
+                            f"{PROFILE_CALLS}; 0: no profile)")
     layer.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     layer.set_defaults(func=_run_layer)
 
@@ -256,21 +265,33 @@ def target_0_check(row: dict) -> str:
 # Steps
 
 
-def _timed(run: Callable[[], None], leaves: list[torch.Tensor], device: torch.device) -> Step:
-    """A step that clears the leaves' gradients, then returns the wall time of ``run()`` with the
-    device synchronised before the start clock and before the end clock (no sync inside ``run``)."""
-    from moe.devices import synchronize
+class Step:
+    """Calling it clears the leaves' gradients, then returns the wall time of ``run()`` with the device
+    synchronised before the start clock and before the end clock (no sync inside ``run``);
+    ``last_host_s`` is the part until ``run()`` returned, before that last sync."""
 
-    def step() -> float:
-        for leaf in leaves:
+    def __init__(self, run: Callable[[], None], leaves: list[torch.Tensor], device: torch.device):
+        self.run, self.leaves, self.device = run, leaves, device
+        self.last_host_s: Optional[float] = None
+
+    def clear(self) -> None:
+        for leaf in self.leaves:
             leaf.grad = None
-        synchronize(device)
+
+    def __call__(self) -> float:
+        from moe.devices import synchronize
+
+        self.clear()
+        synchronize(self.device)
         start = time.perf_counter()
-        run()
-        synchronize(device)
+        self.run()
+        self.last_host_s = time.perf_counter() - start
+        synchronize(self.device)
         return time.perf_counter() - start
 
-    return step
+
+def _timed(run: Callable[[], None], leaves: list[torch.Tensor], device: torch.device) -> Step:
+    return Step(run, leaves, device)
 
 
 def _backward_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Step:
@@ -359,7 +380,7 @@ def _deepspeed_step(ours, k: int, x: torch.Tensor, grad: torch.Tensor) -> Step:
 
 
 def _bench_shape(d: int, f: int, experts: int, k: int, tokens: int, repeats: int, deepspeed_error: Optional[str],
-                 device: torch.device, dtype: torch.dtype, activation: str) -> dict:
+                 device: torch.device, dtype: torch.dtype, activation: str, profile_calls_per_shape: int = 0) -> dict:
     """One row of the table: the median times and their ratios for shape (d, f, E, k, T)."""
     torch.manual_seed(0)
     opts = {"device": device, "dtype": dtype}
@@ -382,7 +403,12 @@ def _bench_shape(d: int, f: int, experts: int, k: int, tokens: int, repeats: int
     if device.type == "cpu":
         steps["expert_gemm_ms"] = _expert_gemm_step(x, ours, grad)
 
-    times, faults = _round_robin(steps, repeats, count_faults=device.type == "cpu")
+    cuda = device.type == "cuda"
+    times, faults, hosts = _round_robin(steps, repeats, count_faults=not cuda)
+    if cuda:
+        times["ours_host_ms"] = hosts["ours_ms"]
+    profiles = {key: profile_calls(steps[key].run, profile_calls_per_shape, device, PROFILE_TOP, steps[key].clear)
+                for key in PROFILED if profile_calls_per_shape > 0}
     ratios = {key: [n / d for n, d in zip(times[num], times[den])]  # per round: both taken seconds apart
               for key, (num, den) in RATIOS.items() if num in times and den in times}
     return {
@@ -395,14 +421,17 @@ def _bench_shape(d: int, f: int, experts: int, k: int, tokens: int, repeats: int
         "rounds_page_faults": faults,
         "ours_expert_path": expert_path,
         "deepspeed_error": deepspeed_error,
+        "profiles": profiles,
     }
 
 
-def _round_robin(steps: dict[str, Step], repeats: int,
-                 count_faults: bool = True) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+def _round_robin(steps: dict[str, Step], repeats: int, count_faults: bool = True
+                 ) -> tuple[dict[str, list[float]], dict[str, list[int]], dict[str, list[float]]]:
     """Milliseconds (and, if ``count_faults``, minor page faults) of each step in each of ``repeats``
-    rounds (after the warm-up), every round running every step once."""
+    rounds (after the warm-up), every round running every step once; and each step's host
+    milliseconds (its ``last_host_s``)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
+    hosts: dict[str, list[float]] = {name: [] for name in steps}
     faults: dict[str, list[int]] = {name: [] for name in steps} if count_faults else {}
     for round_ in range(WARMUP + repeats):
         for name, step in steps.items():
@@ -410,9 +439,10 @@ def _round_robin(steps: dict[str, Step], repeats: int,
             elapsed = step()
             if round_ >= WARMUP:
                 times[name].append(1e3 * elapsed)
+                hosts[name].append(1e3 * step.last_host_s)
                 if count_faults:
                     faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return times, faults
+    return times, faults, hosts
 
 
 def _quartiles(values: list[float]) -> list[float]:
@@ -504,8 +534,10 @@ def _print_table(rows: list[dict], device: torch.device) -> None:
     print("\nissue 17 target 0 (stated for CUDA, bf16, GELU, the default CUDA shapes), from the ratios above:")
     for row in rows:
         print(f"  {shape_label(row['shape'])}: {target_0_check(row)}")
+    _print_profiles(rows)
     if device.type == "cpu":
-        time_columns = [(key, header.removesuffix(" ms")) for key, header, _ in COLUMNS if key in TIME_KEYS]
+        time_columns = [(key, header.removesuffix(" ms")) for key, header, _ in COLUMNS
+                        if key in TIME_KEYS and key != "ours_host_ms"]
         print("\nminor page faults per step (4 KiB pages zero-filled on first touch; median over the rounds):")
         print(f"{SHAPE_HEADER:<22}" + "  ".join(f"{header:>12}" for _, header in time_columns))
         for row in rows:
@@ -520,6 +552,64 @@ def _print_table(rows: list[dict], device: torch.device) -> None:
             print(f"deepspeed n/a for {shape_label(row['shape'])}: {row['deepspeed_error']}")
 
 
+def profile_summary(row: dict) -> Optional[dict]:
+    """From a row's profiles: ours' and the dense MLP's profiled time and kernels per call, and on CUDA
+    ours' kernel time over its timed ms (the GPU's busy share of ours' wall time). None without
+    profiles."""
+    profiles = row.get("profiles") or {}
+    if not profiles:
+        return None
+    ours, dense = profiles.get("ours_ms"), profiles.get("dense_mlp_ms")
+    busy = ours["total_ms_per_step"] if ours else None
+    return {
+        "ours_profiled_ms": busy,
+        "ours_calls": ours["calls_per_step"] if ours else None,
+        # on the CPU the ops' self times overlap (the expert kernel's threads) and include the profiler's cost
+        "ours_busy_share": (busy / row["ours_ms"] if busy is not None and row.get("ours_ms")
+                            and ours["what"].startswith("CUDA") else None),
+        "dense_profiled_ms": dense["total_ms_per_step"] if dense else None,
+        "dense_calls": dense["calls_per_step"] if dense else None,
+    }
+
+
+def _print_profiles(rows: list[dict]) -> None:
+    summaries = [(row, profile_summary(row)) for row in rows]
+    summaries = [(row, summary) for row, summary in summaries if summary is not None]
+    if not summaries:
+        return
+    first = summaries[0][0]["profiles"]["ours_ms"]
+    what = first["what"]
+    gpu = what.startswith("CUDA")
+    busy = "GPU busy ms" if gpu else "profiled ms"
+    print(f"\nwhere the time goes (torch.profiler over {first['steps']} more calls per shape; {what}; per call):")
+    unit = "kernels" if gpu else "ops"
+    legend = [(f"ours {busy}", f"the {unit}' total time in one ours forward+backward (MLP: the dense MLP's)")]
+    if gpu:
+        legend.append(("busy share", f"ours {busy} / ours ms: the rest of ours ms the GPU waited"))
+    legend.append((f"ours {unit}", f"{'kernels launched' if gpu else 'ops run'} per call"))
+    for name, text in legend:
+        print(f"  {name:<18} {text}")
+    headers = [f"ours {busy}", "busy share", "ours " + ("kernels" if gpu else "ops"),
+               f"MLP {busy}", "MLP " + ("kernels" if gpu else "ops")]
+    widths = [max(len(h), 9) for h in headers]
+    print(f"{SHAPE_HEADER:<22}" + "  ".join(f"{h:>{w}}" for h, w in zip(headers, widths)))
+    for row, summary in summaries:
+        share = summary["ours_busy_share"]
+        cells = [_format(summary["ours_profiled_ms"], ratio=False), "n/a" if share is None else f"{share:.0%}",
+                 _format(summary["ours_calls"], ratio=False).removesuffix(".00"),
+                 _format(summary["dense_profiled_ms"], ratio=False),
+                 _format(summary["dense_calls"], ratio=False).removesuffix(".00")]
+        print(f"{shape_label(row['shape']):<22}" + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    for row, _ in summaries:
+        ours = row["profiles"]["ours_ms"]
+        print(f"\ntop {'kernels' if gpu else 'ops'} of ours at {shape_label(row['shape'])} (ms per call, share of "
+              f"ours {busy}, calls per call):")
+        for i, kernel in enumerate(ours["kernels"], 1):
+            share = "n/a" if kernel["share"] is None else f"{kernel['share']:.1%}"
+            print(f"  {i:>2}  {kernel['ms_per_step']:8.3f}  {share:>6}  {kernel['calls_per_step']:6.3g}  "
+                  f"{short_name(kernel['name'], 100)}")
+
+
 def _run_layer(args: argparse.Namespace) -> int:
     from moe.devices import describe_device
 
@@ -527,6 +617,8 @@ def _run_layer(args: argparse.Namespace) -> int:
                                                         args.tokens)
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.profile_calls < 0:
+        raise UserError(f"--profile-calls must be >= 0, got {args.profile_calls}")
     threads, previous_threads = os.cpu_count() or 1, torch.get_num_threads()
     torch.set_num_threads(threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -547,7 +639,8 @@ def _run_layer(args: argparse.Namespace) -> int:
         with _DeepSpeedProcessGroup(device) as group:
             rows = []
             for shape in shapes:
-                rows.append(_bench_shape(*shape, args.repeats, group.error, device, dtype, activation))
+                rows.append(_bench_shape(*shape, args.repeats, group.error, device, dtype, activation,
+                                         args.profile_calls))
                 if device.type == "cuda":  # the next shape starts from an empty cache
                     gc.collect()
                     torch.cuda.empty_cache()

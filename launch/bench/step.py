@@ -10,6 +10,9 @@ What runs, on one device (``--device``, default the GPU when there is one):
                (the FLOPs of k experts of width f, no router); other dense blocks keep their width
     eager      as built
     compiled   ``moe.compile_blocks``: each transformer block compiled with torch.compile
+    graphs     (CUDA only) the same with ``mode="reduce-overhead"``: Inductor replays each compiled
+               block's forward and backward as CUDA graphs, so the host launches a graph instead of
+               every kernel (``torch.compiler.cudagraph_mark_step_begin()`` starts each step)
 
 One step: forward with the loss, the MoE layers' auxiliary losses added, backward, gradient
 clipping at ``train.grad_clip``, torch's AdamW (fused on CUDA, as the trainer's; foreach on CPU)
@@ -63,6 +66,7 @@ from typing import Callable, Optional
 
 import torch
 
+from launch.bench.profiling import profile_calls, short_name
 from moe.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,8 +75,16 @@ ISSUE_SHAPE = {"layers": 8, "seq_len": 1024, "micro_batch": 8}
 """Issue 17's cut of the default config; ``--layers``/``--seq-len``/``--micro-batch`` override it."""
 DEFAULT_CONFIG_OVERRIDES = ("data.path=null",)
 """The default config's data path is a placeholder: it runs on the built-in corpus."""
-CASES = (("MoE", "eager"), ("dense", "eager"), ("MoE", "compiled"), ("dense", "compiled"))
-TOP_KERNELS = 10
+CASES = (("MoE", "eager"), ("dense", "eager"), ("MoE", "compiled"), ("dense", "compiled"), ("MoE", "graphs"),
+         ("dense", "graphs"))
+COMPILE_MODES = {"compiled": None, "graphs": "reduce-overhead"}  # torch.compile's mode per compiled case
+
+
+def cases_to_run(device_type: str, skip_compile: bool, skip_graphs: bool) -> list[tuple[str, str]]:
+    """The (model, mode) cases of one run: CUDA graphs only on CUDA, none compiled with ``--skip-compile``."""
+    return [(model, mode) for model, mode in CASES
+            if not (mode != "eager" and skip_compile)
+            and not (mode == "graphs" and (skip_graphs or device_type != "cuda"))]
 METRICS = "metrics.jsonl"  # what the training job writes into its out_dir
 TOKENS_PER_S = "train/tokens_per_s"  # its scalar of training tokens/s (all ranks, step time only)
 
@@ -159,19 +171,6 @@ def step_rows(ms: dict, tokens_per_step: int, flops_per_token: dict) -> list[dic
             "moe_over_dense": ratio(value, ms.get(("dense", mode))) if model == "MoE" else None,
         })
     return rows
-
-
-def top_kernels(events: list[tuple[str, float, int]], steps: int, top: int = TOP_KERNELS) -> dict:
-    """``events``: (name, total time in µs, calls) over ``steps`` profiled steps. Returns the total ms
-    per step and the ``top`` largest as {name, ms_per_step, share (of the total), calls_per_step}."""
-    steps = max(1, steps)
-    total_us = sum(max(0.0, us) for _, us, _ in events)
-    ranked = sorted((e for e in events if e[1] > 0), key=lambda e: (-e[1], e[0]))[:top]
-    return {
-        "total_ms_per_step": total_us / 1e3 / steps,
-        "kernels": [{"name": name, "ms_per_step": us / 1e3 / steps, "share": us / total_us if total_us else None,
-                     "calls_per_step": calls / steps} for name, us, calls in ranked],
-    }
 
 
 def trainer_tokens_per_s(records: list[dict], after_step: int) -> dict:
@@ -262,8 +261,8 @@ def format_report(report: dict) -> str:
 
 
 def _short(name: str, width: int = 90) -> str:
-    name = " ".join(name.split()).replace("|", "\\|")
-    return name if len(name) <= width else name[: width - 3] + "..."
+    """For a Markdown table cell."""
+    return short_name(name, width).replace("|", "\\|")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,10 +310,12 @@ def _optimizer(params_or_groups, train_cfg, device: torch.device):
                              weight_decay=train_cfg.weight_decay, **fused)
 
 
-def make_step(model, train_cfg, device: torch.device, master_weights: bool = False) -> Callable:
+def make_step(model, train_cfg, device: torch.device, master_weights: bool = False, graphs: bool = False) -> Callable:
     """``step(inputs, labels)``: one training step of ``model`` (see the module docstring). With
     ``master_weights`` the optimizer holds fp32 copies of the parameters and their AdamW states, as
-    DeepSpeed's bf16 mode does: gradients are upcast, clipped and applied there, then copied back."""
+    DeepSpeed's bf16 mode does: gradients are upcast, clipped and applied there, then copied back.
+    With ``graphs`` (blocks compiled with CUDA graphs) each step first tells the graphs a new
+    iteration begins, so the last one's outputs may be overwritten."""
     from moe import collect_aux_losses, update_expert_biases
     from parallel.engine import parameter_groups
 
@@ -331,6 +332,8 @@ def make_step(model, train_cfg, device: torch.device, master_weights: bool = Fal
         optimizer = _optimizer(groups, train_cfg, device)
 
     def step(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         _, loss = model(inputs, labels=labels)
         aux = collect_aux_losses(model)
         (loss if aux is None else loss + aux).backward()
@@ -406,41 +409,9 @@ def time_plain_loop(step: Callable, sampler, warmup: int, steps: int, device: to
 
 def profile_steps(step: Callable, batches: list, steps: int, device: torch.device) -> dict:
     """torch.profiler over ``steps`` steps: the top kernels by device time on CUDA (kernel events
-    only), by self CPU time of the ops on CPU."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    from moe.devices import synchronize
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    synchronize(device)
-    with profile(activities=activities) as prof:
-        for i in range(steps):
-            step(*batches[i % len(batches)])
-        synchronize(device)
-    result = top_kernels(profiled_events(prof.key_averages(), cuda, DeviceType.CUDA), steps)
-    result.update(steps=steps, what="CUDA kernels by device time" if cuda else "ops by self CPU time")
-    return result
-
-
-def profiled_events(averages, cuda: bool, cuda_type) -> list[tuple[str, float, int]]:
-    """(name, µs, calls) of the profiler's ``key_averages()``: on CUDA the kernels (device events)
-    by self device time, leaving out the GPU side of user annotations (the optimizer's
-    "Optimizer.step#AdamW.step" range spans its kernels, which would count twice); on CPU every op
-    by self CPU time."""
-    events = []
-    for event in averages:
-        if cuda:
-            if event.device_type != cuda_type or getattr(event, "is_user_annotation", False):
-                continue
-            us = getattr(event, "self_device_time_total", None)
-            if us is None:
-                us = event.self_cuda_time_total
-        else:
-            us = event.self_cpu_time_total
-        events.append((event.key, float(us), int(event.count)))
-    return events
+    only), by self CPU time of the ops on CPU (``launch.bench.profiling``)."""
+    feed = iter(range(steps))
+    return profile_calls(lambda: step(*batches[next(feed) % len(batches)]), steps, device)
 
 
 def _graph_stats() -> dict:
@@ -471,6 +442,7 @@ def _reason(err: BaseException) -> str:
 
 def run_case(base, name: str, compiled: bool, batches: list, args, train_cfg, device: torch.device,
              profile: bool, compile_options: dict) -> tuple[dict, Optional[dict]]:
+    """``compile_options``: torch.compile's keyword arguments for a compiled case (``mode``)."""
     """Time one case on a copy of ``base`` (same starting weights for every case); the copy, its
     gradients and optimizer states are freed before this returns."""
 
@@ -491,7 +463,8 @@ def run_case(base, name: str, compiled: bool, batches: list, args, train_cfg, de
             dynamo.reset()
             counters.clear()
             compile_blocks(model, **compile_options)
-        step = make_step(model, train_cfg, device)
+        graphs = compiled and compile_options.get("mode") in ("reduce-overhead", "max-autotune")
+        step = make_step(model, train_cfg, device, graphs=graphs)
         case = time_steps(step, batches, max(args.warmup, 2 if compiled else 1), args.steps, device)
         # the case's own memory: its model copy, gradients, optimizer states and activations
         case["peak_gib"] = (torch.cuda.max_memory_allocated(device) - held) / 2**30 if cuda else None
@@ -672,8 +645,10 @@ def add_parser(which: argparse._SubParsersAction) -> None:
     parser.add_argument("--profile-steps", type=int, default=3, help="steps recorded by torch.profiler for "
                                                                      "the top kernels (default 3; 0: none)")
     parser.add_argument("--device", default="auto", help="auto (default: the GPU if there is one), cpu, cuda, cuda:N")
-    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the compiled cases (default: "
+                                                             "torch's default)")
     parser.add_argument("--skip-compile", action="store_true", help="eager cases only")
+    parser.add_argument("--skip-graphs", action="store_true", help="no CUDA-graph cases (they run on CUDA only)")
     parser.add_argument("--skip-train", action="store_true", help="no trainer-overhead part (no moe train run)")
     parser.add_argument("--train-timeout", type=float, default=900.0, help="seconds moe train may take (default 900)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
@@ -740,16 +715,16 @@ def run(args: argparse.Namespace) -> int:
     count = max(args.warmup, 2) + args.steps
     batches = [tuple(tensor.to(device) for tensor in next(sampler)) for _ in range(count)]
 
-    compile_options = {"mode": args.compile_mode} if args.compile_mode else {}
     cases = {}
     profiles = {}
-    for model_name, mode in CASES:
-        if mode == "compiled" and args.skip_compile:
-            continue
+    for model_name, mode in cases_to_run(device.type, args.skip_compile, args.skip_graphs):
+        compiled = mode != "eager"
+        compile_mode = args.compile_mode if mode == "compiled" else COMPILE_MODES.get(mode)
+        compile_options = {"mode": compile_mode} if compile_mode else {}
         name = f"{model_name} {mode}"
-        _progress(f"{name}: {max(args.warmup, 2 if mode == 'compiled' else 1)} warm-up + {args.steps} timed steps")
+        _progress(f"{name}: {max(args.warmup, 2 if compiled else 1)} warm-up + {args.steps} timed steps")
         base = moe_model if model_name == "MoE" else dense_model
-        cases[name], profiled = run_case(base, name, mode == "compiled", batches, args, t, device,
+        cases[name], profiled = run_case(base, name, compiled, batches, args, t, device,
                                          profile=model_name == "MoE", compile_options=compile_options)
         if profiled is not None:
             profiles[name] = profiled

@@ -122,9 +122,9 @@ def _rank(rank: int, world: int, port: int, threads: int, results) -> None:
         big_rates.append(2 * 1024**3 / _timed(lambda: big[0] @ big[1], 1))
         small_rates.append(7 * 3 * 2 * 2048 * 128 * 384 / _timed(training_matmuls, 1))
     peak, small_rate = statistics.median(big_rates), statistics.median(small_rates)
-    a, b, c = (torch.randn(8 << 20) for _ in range(3))  # 32 MiB each
-    stream = 3 * a.numel() * 4 / together(lambda: torch.add(a, b, out=c))
-    del a, b, c
+    operands = [torch.randn(8 << 20) for _ in range(3)]  # 32 MiB each
+    stream = 3 * operands[0].numel() * 4 / together(lambda: torch.add(operands[0], operands[1], out=operands[2]))
+    operands.clear()
     chain, moved = _elementwise_chain(torch)
     memory = moved / together(chain)
     dist.barrier()

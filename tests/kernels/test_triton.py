@@ -230,6 +230,39 @@ def test_fp16_on_the_interpreter(activation):
         _assert_close(a, b, torch.float16, name)
 
 
+def _source_order(row_index, T, k):
+    """Each token's k grouped rows, in the reverse of their grouped order (the kernels must not rely
+    on any order within a token)."""
+    return torch.argsort(row_index, stable=True).view(T, k).flip(1).flatten()
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("T, E, k, skew, d, f", MLP_CASES)
+def test_expert_mlp_with_the_dispatchers_source_order_matches_loop(setting, activation, T, E, k, skew, d, f):
+    """Summing at the source rows through ``source_order`` (no sort of row_index) gives the loop's
+    output and gradients."""
+    device, dtype = setting
+    row_index, offsets, tensors, grad = _mlp_case(T, E, k, skew, d, f, activation, device, dtype)
+    source_order = _source_order(row_index, T, k)
+    fused = lambda *a: expert_mlp_triton(*a, activation=activation, source_order=source_order)  # noqa: E731
+    out, grads = _mlp_run(fused, row_index, offsets, tensors, grad)
+    ref, ref_grads = _mlp_run(_reference(activation), row_index, offsets, tensors, grad)
+    _assert_close(out, ref, dtype, "out")
+    for name, want in ref_grads.items():
+        if want is not None:
+            _assert_close(grads[name], want, dtype, f"grad of {name}")
+
+
+def test_source_order_is_checked():
+    row_index, offsets, t, _ = _mlp_case(5, 4, 2, None, 8, 12, "swiglu", "cpu", torch.float32)
+    args = (t["x"], row_index, t["row_weight"], offsets, t["w1"], t["w3"], t["w2"], "swiglu")
+    with pytest.raises(ValueError, match="source_order must be int64"):
+        expert_mlp_triton(*args, source_order=row_index[:-1])
+    with pytest.raises(ValueError, match="same number of grouped rows per source row"):
+        expert_mlp_triton(t["x"][:3], row_index, *args[2:], source_order=row_index)
+
+
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_expert_mlp_source_rows_nobody_reads_get_zeros(setting):
     device, dtype = setting
@@ -478,6 +511,7 @@ def test_custom_ops_pass_opcheck():
     row_index, offsets, t, grad = _mlp_case(4, 3, 2, None, 5, 6, "swiglu", "cpu", torch.float32)
     args = (t["x"].requires_grad_(), row_index, t["row_weight"], offsets, t["w1"], t["w3"], t["w2"], "swiglu", True)
     torch.library.opcheck(torch.ops.slimmoe.expert_mlp, args, test_utils=tests)
+    torch.library.opcheck(torch.ops.slimmoe.expert_mlp, (*args, _source_order(row_index, 4, 2)), test_utils=tests)
 
 
 def _layer(x, row_index, row_weight, offsets, w1, w3, w2, w_out, out_offsets):
@@ -660,9 +694,11 @@ def _aot_report() -> dict:
               for label, (name, config_set, args) in variants.items()}
     order, segments = tk.source_segments(row_index, T)
     y = torch.empty(N, d, dtype=bf)
-    segment_args = dict(src_ptr=y, order_ptr=order, seg_ptr=segments, out_ptr=x, D=d, stride_sm=d, stride_om=d)
-    report["segment_sum"] = compile_one(tk._segment_sum_kernel, segment_args,
-                                        triton.Config(dict(BLOCK_D=1024), num_warps=4, num_stages=1))
+    for label, seg_stride in (("segment_sum", 0), ("segment_sum fixed rows per source", 2)):
+        segment_args = dict(src_ptr=y, order_ptr=order, seg_ptr=segments, out_ptr=x, D=d, stride_sm=d, stride_om=d,
+                            seg_stride=seg_stride)
+        report[label] = compile_one(tk._segment_sum_kernel, segment_args,
+                                    triton.Config(dict(BLOCK_D=1024), num_warps=4, num_stages=1))
     partial = torch.empty(4, d, f, dtype=torch.float32)
     out = torch.empty(E, d, f, dtype=bf)
     reduce_args = dict(partial_ptr=partial, partial2_ptr=partial, out_ptr=out, out2_ptr=out, offsets_ptr=offsets,
@@ -692,6 +728,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert result.returncode == 0 and lines, result.stderr[-3000:]
     reports = json.loads(lines[-1][3:])
     assert reports.pop("segment_sum")["spill_bytes"] == 0
+    assert reports.pop("segment_sum fixed rows per source")["spill_bytes"] == 0
     assert reports.pop("xty_chunk_reduce")["spill_bytes"] == 0
     for label, report in reports.items():
         assert report["pipelined"], f"{label}: main loop not software-pipelined: {report}"

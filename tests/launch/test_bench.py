@@ -50,6 +50,22 @@ def test_bench_layer_writes_consistent_json(tmp_path, capsys):
     per_round = sorted(o / m for o, m in zip(rounds["ours_ms"], rounds["dense_mlp_ms"]))
     q1, q3 = row["ours_per_dense_mlp_iqr"]
     assert per_round[0] <= q1 <= row["ours_per_dense_mlp"] <= q3 <= per_round[-1]
+    assert row["ours_host_ms"] is None and "ours_host_ms" not in rounds  # CUDA only
+    # the profile (3 more calls by default): ours and the dense MLP, ops and their self CPU time
+    assert set(row["profiles"]) == set(bl.PROFILED)
+    for key, profile in row["profiles"].items():
+        assert profile["steps"] == bl.PROFILE_CALLS and profile["what"] == "ops by self CPU time", key
+        assert profile["calls_per_step"] >= 1 and profile["total_ms_per_step"] > 0, key
+        shares = [kernel["share"] for kernel in profile["kernels"]]
+        assert 1 <= len(shares) <= bl.PROFILE_TOP and shares == sorted(shares, reverse=True) and sum(shares) <= 1 + 1e-9
+    summary = bl.profile_summary(row)
+    assert summary["ours_busy_share"] is None  # CUDA only
+    assert summary["ours_calls"] == row["profiles"]["ours_ms"]["calls_per_step"]
+    fake_gpu = {"ours_ms": 4.0, "profiles": {"ours_ms": {"what": "CUDA kernels by device time", "total_ms_per_step": 3.0,
+                                                         "calls_per_step": 40.0}}}
+    assert bl.profile_summary(fake_gpu)["ours_busy_share"] == pytest.approx(0.75)
+    assert "where the time goes (torch.profiler over 3 more calls per shape; ops by self CPU time" in printed
+    assert "top ops of ours at 16,32,4,64" not in printed and "top ops of ours at 16,32,4,2,64" in printed
 
 
 def _table(printed: str) -> list[dict]:
@@ -91,6 +107,18 @@ def test_bench_layer_gelu_smoke_prints_ratios_that_are_the_printed_quotients(cap
     verdict = "yes" if ours_per_mlp <= bl.TARGET_OURS_PER_DENSE_MLP else "NO"
     assert f"16,32,4,2,48: ours/MLP <= 1.3: {verdict}; faster than deepspeed: " in printed
     assert "deepspeed n/a" not in printed
+
+
+def test_bench_layer_without_a_profile(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "layer", "--device", "cpu", "--shapes", "16,32,4,2,32", "--repeats", "1", "--profile-calls", "0",
+            "--json", str(path)]
+    assert main(argv) == 0
+    assert "where the time goes" not in capsys.readouterr().out
+    (row,) = json.loads(path.read_text())["results"]
+    assert row["profiles"] == {} and bl.profile_summary(row) is None
+    assert main(argv[:-4] + ["--profile-calls", "-1"]) != 0
+    assert "--profile-calls must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_shapes_take_an_optional_token_count():

@@ -90,7 +90,7 @@ def test_grouping_agrees_with_the_layers_dispatcher(routing):
 
     tokens, experts, top_k = 300, 16, 3
     indices, weights = bk.make_routing(tokens, experts, top_k, routing, seed=1)
-    row_index, row_weight, offsets, tokens_per_expert = bk.group_by_expert(indices, weights, experts)
+    row_index, row_weight, offsets, tokens_per_expert, source_order = bk.group_by_expert(indices, weights, experts)
 
     counts = torch.bincount(indices.flatten(), minlength=experts)
     layer = sort_by_expert(torch.zeros(tokens, 4), Routing(indices, weights, counts, counts), experts)
@@ -99,6 +99,8 @@ def test_grouping_agrees_with_the_layers_dispatcher(routing):
     assert torch.equal(tokens_per_expert, layer.tokens_per_expert)
     assert offsets.dtype == torch.int32 and torch.equal(offsets, offsets_from_counts(layer.tokens_per_expert))
     assert int(offsets[-1]) == tokens * top_k
+    # token t's k grouped rows, as the experts sum them
+    assert torch.equal(row_index[source_order].view(tokens, top_k), torch.arange(tokens)[:, None].expand(-1, top_k))
     # Group e really holds the tokens that chose e, in token order.
     start = 0
     for expert, end in enumerate(offsets.tolist()):

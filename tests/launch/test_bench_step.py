@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from launch.bench import profiling
 from launch.bench import step as bench
 from launch.config import load_run_config
 from moe import MoEConfig, MoETransformer, ModelConfig, set_active_experts
@@ -38,6 +39,15 @@ def test_shape_flags_default_to_issue_17_with_the_default_config_only():
     assert (cfg.model.num_layers, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.data.path) == (8, 1024, 8, None)
 
 
+def test_cuda_graph_cases_run_on_cuda_only():
+    everything = bench.cases_to_run("cuda", skip_compile=False, skip_graphs=False)
+    assert everything == list(bench.CASES) and ("MoE", "graphs") in everything
+    assert bench.cases_to_run("cpu", False, False) == [c for c in bench.CASES if c[1] != "graphs"]
+    assert bench.cases_to_run("cuda", False, True) == [c for c in bench.CASES if c[1] != "graphs"]
+    assert bench.cases_to_run("cuda", True, False) == [("MoE", "eager"), ("dense", "eager")]
+    assert bench.COMPILE_MODES["graphs"] == "reduce-overhead"
+
+
 def test_tokens_per_s_and_ratios():
     assert bench.tokens_per_s(8192, 25.0) == pytest.approx(327_680.0)
     assert bench.tokens_per_s(8192, None) is None and bench.tokens_per_s(8192, 0.0) is None
@@ -48,7 +58,7 @@ def test_tokens_per_s_and_ratios():
 def test_step_rows_give_tokens_per_s_tflops_and_moe_over_dense_per_mode():
     ms = {("MoE", "eager"): 40.0, ("dense", "eager"): 25.0, ("MoE", "compiled"): 30.0, ("dense", "compiled"): None}
     rows = bench.step_rows(ms, tokens_per_step=1000, flops_per_token={"MoE": 2e9, "dense": 1e9})
-    assert [(r["model"], r["mode"]) for r in rows] == list(bench.CASES)
+    assert [(r["model"], r["mode"]) for r in rows] == list(bench.CASES[:4])  # the measured ones, in order
     moe_eager, dense_eager, moe_compiled, dense_compiled = rows
     assert moe_eager["tokens_per_s"] == pytest.approx(25_000.0) and dense_eager["tokens_per_s"] == pytest.approx(40_000.0)
     assert moe_eager["tflops"] == pytest.approx(25_000.0 * 2e9 / 1e12)
@@ -107,13 +117,14 @@ def test_train_overrides_hold_k_only_when_the_schedule_would_move_it():
 
 def test_top_kernels_rank_by_time_with_shares_of_the_total():
     events = [("b", 300.0, 6), ("a", 600.0, 3), ("c", 100.0, 3), ("idle", 0.0, 5)]
-    result = bench.top_kernels(events, steps=3, top=2)
+    result = profiling.top_kernels(events, steps=3, top=2)
     assert result["total_ms_per_step"] == pytest.approx(1000.0 / 1e3 / 3)
     assert [k["name"] for k in result["kernels"]] == ["a", "b"]
     assert [k["share"] for k in result["kernels"]] == pytest.approx([0.6, 0.3])
     assert result["kernels"][0]["ms_per_step"] == pytest.approx(0.2) and result["kernels"][1]["calls_per_step"] == 2
-    everything = bench.top_kernels(events, steps=1, top=10)
+    everything = profiling.top_kernels(events, steps=1, top=10)
     assert len(everything["kernels"]) == 3 and sum(k["share"] for k in everything["kernels"]) == pytest.approx(1.0)
+    assert result["calls_per_step"] == pytest.approx(17 / 3)  # launches, idle ones included
 
 
 def test_profiled_kernels_leave_out_the_gpu_side_of_user_annotations():
@@ -128,10 +139,10 @@ def test_profiled_kernels_leave_out_the_gpu_side_of_user_annotations():
         Event(key="aten::mm", device_type=cpu, is_user_annotation=False,
               self_device_time_total=0.0, self_cpu_time_total=80.0, count=3),
     ]
-    on_gpu = bench.profiled_events(averages, cuda=True, cuda_type=cuda)
+    on_gpu = profiling.profiled_events(averages, cuda=True, cuda_type=cuda)
     assert on_gpu == [("multi_tensor_apply_kernel", 5400.0, 42)]
-    assert bench.top_kernels(on_gpu, steps=1)["total_ms_per_step"] == pytest.approx(5.4)
-    on_cpu = bench.profiled_events(averages, cuda=False, cuda_type=cuda)
+    assert profiling.top_kernels(on_gpu, steps=1)["total_ms_per_step"] == pytest.approx(5.4)
+    on_cpu = profiling.profiled_events(averages, cuda=False, cuda_type=cuda)
     assert ("aten::mm", 80.0, 3) in on_cpu and len(on_cpu) == 3
 
 
@@ -222,7 +233,7 @@ def test_bench_step_end_to_end_with_compiled_blocks(tmp_path, capsys, cache):
     printed, report = _run(capsys, tmp_path, cache, "--skip-train")
     assert "k = 2: the k schedule's value at step 0" in printed and "64 tokens per step (2 x 32)" in printed
     rows = {(r[0], r[1]): r for r in _table_rows(printed, "MoE") + _table_rows(printed, "dense")}
-    assert set(rows) == set(bench.CASES)
+    assert set(rows) == set(bench.cases_to_run("cpu", skip_compile=False, skip_graphs=False)) == set(bench.CASES[:4])
     for (model, mode), row in rows.items():
         assert row[3] == "-"  # host ms/step: CUDA only (on the CPU the host does the work itself)
         ms, rate = _number(row[2]), _number(row[4])  # printed to 0.001 ms and to 1 token/s
@@ -239,7 +250,7 @@ def test_bench_step_end_to_end_with_compiled_blocks(tmp_path, capsys, cache):
     assert set(report["profiles"]) == {"MoE eager", "MoE compiled"}
     for profile in report["profiles"].values():
         shares = [k["share"] for k in profile["kernels"]]
-        assert 1 <= len(shares) <= bench.TOP_KERNELS and shares == sorted(shares, reverse=True) and sum(shares) <= 1 + 1e-9
+        assert 1 <= len(shares) <= profiling.TOP_KERNELS and shares == sorted(shares, reverse=True) and sum(shares) <= 1 + 1e-9
     assert printed.count("Top kernels of the MoE") == 2 and "trainer" not in report
 
 

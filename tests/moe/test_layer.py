@@ -165,3 +165,30 @@ def test_bf16_layer_routes_and_differentiates_the_router_as_the_fp32_layer_does(
     assert g16.dtype == torch.float32
     assert float((g16 - g32).norm() / g32.norm()) < 0.01
     assert float((g16 - g32).abs().max()) < 0.01 * float(g32.abs().max())
+
+
+@pytest.mark.parametrize("num_experts", [6, 300])
+def test_sort_by_expert_narrow_keys_and_source_order(num_experts):
+    """The dispatcher's grouping equals a stable int64 argsort of the slots (whatever the key dtype), and
+    its source_order lists each token's k grouped rows; with capacity dropping there is none."""
+    from moe.dispatch import sort_by_expert, sort_keys
+    from moe.routers import Routing, expert_counts
+
+    tokens, k = 50, 3
+    g = torch.Generator().manual_seed(0)
+    indices = torch.stack([torch.randperm(num_experts, generator=g)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=g)
+    counts = expert_counts(indices.flatten(), num_experts)
+    rows = sort_by_expert(torch.zeros(tokens, 2), Routing(indices, weights, counts, counts), num_experts)
+    order = torch.argsort(indices.flatten(), stable=True)
+    assert sort_keys(indices, num_experts).dtype == (torch.uint8 if num_experts < 255 else torch.int16)
+    assert torch.equal(rows.row_index, order // k) and torch.equal(rows.row_weight, weights.flatten()[order])
+    assert torch.equal(rows.row_index[rows.source_order].view(tokens, k), torch.arange(tokens)[:, None].expand(-1, k))
+    assert torch.equal(rows.source_order[order], torch.arange(tokens * k))
+
+    kept = torch.rand(tokens, k, generator=g) > 0.3
+    kept_counts = expert_counts(indices.masked_fill(~kept, num_experts).flatten(), num_experts + 1)[:-1]
+    dropped = sort_by_expert(torch.zeros(tokens, 2), Routing(indices, weights * kept, kept_counts, counts, kept),
+                             num_experts)
+    assert dropped.source_order is None and dropped.row_index.shape[0] == int(kept.sum())
+    assert torch.equal(dropped.row_index, order[kept.flatten()[order]] // k)
