@@ -11,6 +11,12 @@ The first build takes tens of seconds: when loading has not finished within a se
 stderr says the kernel is being compiled, and another how long it took (local rank 0 only; the other
 ranks wait for the same build).
 
+A build interrupted by a kill leaves torch's build lock (the file ``lock`` in the build folder)
+behind, and every later load would wait for it forever (``torch.utils.file_baton.FileBaton.wait``).
+So each load here first takes an advisory lock of its own (``flock`` on ``slimmoe.flock`` in the
+same folder, which the system releases when its holder dies): holding it, no other load of this
+extension is running, so a ``lock`` file found then is stale and is removed, with a line on stderr.
+
 Where it cannot be built (no compiler, no ninja, an unsupported platform) :func:`load` warns once
 and returns None, and the CPU path runs the Python implementation of the same algorithm
 (:class:`kernels.expert_mlp._BlockedExpertMLP`). ``SLIMMOE_CPU_EXTENSION=0`` skips the extension.
@@ -18,6 +24,7 @@ and returns None, and the CPU path runs the Python implementation of the same al
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -50,19 +57,73 @@ def _capability() -> str:
         return "DEFAULT"
 
 
+def extension_name() -> str:
+    return f"slimmoe_expert_mlp_cpu_{_capability().lower()}"
+
+
+def build_directory():
+    """The folder torch builds the extension in (created if missing), or None where this torch does not
+    say (then torch picks it, and stale-lock recovery is off)."""
+    from torch.utils import cpp_extension
+
+    get = getattr(cpp_extension, "_get_build_directory", None)
+    if get is None:
+        return None
+    try:
+        return get(extension_name(), False)
+    except Exception:  # noqa: BLE001 - an unexpected signature: let torch decide
+        return None
+
+
+@contextlib.contextmanager
+def _exclusive(folder):
+    """Hold ``flock`` on ``folder/slimmoe.flock`` (a no-op without a folder or without fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        fcntl = None
+    if folder is None or fcntl is None:
+        yield
+        return
+    fd = os.open(os.path.join(folder, "slimmoe.flock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits while another process loads or builds it
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def remove_stale_baton(folder) -> bool:
+    """Remove torch's build lock in ``folder`` (call it only under :func:`_exclusive`): True if there was one."""
+    if folder is None:
+        return False
+    baton = os.path.join(folder, "lock")
+    try:
+        os.remove(baton)
+    except FileNotFoundError:
+        return False
+    print(f"kernels: removed {baton}, a build lock left by an interrupted build of the C++ CPU expert kernel",
+          file=sys.stderr, flush=True)
+    return True
+
+
 def _build():
     from torch.utils import cpp_extension
 
     capability = _capability()
     flags, vec = _FLAGS.get(capability, ([], None))
     defines = [f"-DCPU_CAPABILITY={vec}", f"-DCPU_CAPABILITY_{vec}"] if vec else []
-    return cpp_extension.load(
-        name=f"slimmoe_expert_mlp_cpu_{capability.lower()}",
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-fopenmp", *flags, *defines],
-        extra_ldflags=["-fopenmp"],  # resolves to the libgomp torch has already loaded
-        verbose=False,
-    )
+    folder = build_directory()
+    with _exclusive(folder):
+        remove_stale_baton(folder)
+        return cpp_extension.load(
+            name=extension_name(),
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", *flags, *defines],
+            extra_ldflags=["-fopenmp"],  # resolves to the libgomp torch has already loaded
+            build_directory=folder,
+            verbose=False,
+        )
 
 
 def _announced_build():

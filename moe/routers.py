@@ -90,7 +90,8 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """``[num_experts]`` int64 counts of ``expert_ids`` (ids in 0..num_experts-1). Unlike
     ``torch.bincount`` its shape never depends on the data, so ``torch.compile`` traces it."""
     counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
-    return counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids, dtype=torch.int64))
+    ones = counts.new_ones(1).expand(expert_ids.shape[0])  # one element, read for every id
+    return counts.scatter_add_(0, expert_ids, ones)
 
 
 class _RouterLogits(torch.autograd.Function):
@@ -172,14 +173,27 @@ class TopKRouter(nn.Module):
         """Route ``x [T, d]`` to ``k`` experts each."""
         cfg = self.config
         logits = router_logits(x, self.weight)  # [T, E], fp32
-        scores = torch.softmax(logits, dim=-1) if cfg.score_function == "softmax" else torch.sigmoid(logits)
-        selection = scores.detach()
-        if self.expert_bias is not None:
-            selection = selection + self.expert_bias
-        indices = torch.topk(selection, k, dim=-1).indices  # [T, k]
-        weights = scores.gather(1, indices)  # [T, k], unbiased scores
-        if cfg.normalize_topk:
-            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        softmax = cfg.score_function == "softmax"
+        use_aux = self.training and cfg.balance == "aux_loss" and cfg.aux_loss_coeff > 0
+        use_mi = self.training and cfg.mi_loss_coeff > 0
+        scores = None
+        if softmax and cfg.normalize_topk and self.expert_bias is None and not (use_aux or use_mi):
+            # the softmax is monotonic, so the top-k of the logits are the top-k of the scores, and the
+            # renormalised weights are a softmax over the k chosen logits: no [T, E] softmax at all
+            top_logits, indices = torch.topk(logits, k, dim=-1)  # [T, k]
+            weights = torch.softmax(top_logits, dim=-1)
+        else:
+            scores = torch.softmax(logits, dim=-1) if softmax else torch.sigmoid(logits)
+            selection = scores.detach()
+            if self.expert_bias is not None:
+                selection = selection + self.expert_bias
+            indices = torch.topk(selection, k, dim=-1).indices  # [T, k]
+            if softmax and cfg.normalize_topk:  # p_i / sum of the chosen p_j, in one op
+                weights = torch.softmax(logits.gather(1, indices), dim=-1)
+            else:
+                weights = scores.gather(1, indices)  # [T, k], unbiased scores
+                if cfg.normalize_topk:
+                    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
         routed = expert_counts(indices.flatten(), cfg.num_experts)  # [E]
         kept = None
@@ -194,8 +208,6 @@ class TopKRouter(nn.Module):
             self.pending_tokens += routed
 
         aux_loss = z_loss = mi_loss = None
-        use_aux = self.training and cfg.balance == "aux_loss" and cfg.aux_loss_coeff > 0
-        use_mi = self.training and cfg.mi_loss_coeff > 0
         if use_aux or use_mi:
             # a distribution over all E experts per token, from the unbiased scores: the softmax
             # itself, or the sigmoid scores divided by their per-token sum

@@ -9,6 +9,7 @@ running one expert after another, and with its own choice; and the Python fallba
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 
 import pytest
@@ -370,6 +371,34 @@ def test_a_slow_load_of_the_cpu_kernel_says_it_is_compiling_and_how_long_it_took
     monkeypatch.setenv("LOCAL_RANK", "1")  # the other ranks wait for the same build without a word
     monkeypatch.setattr(cpu_extension, "_build", lambda: time.sleep(0.3) or "built")
     assert cpu_extension.load() == "built" and capsys.readouterr().err == ""
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_load(tmp_path):
+    """A killed build leaves torch's ``lock`` file behind; the next process removes it (under its own
+    flock, released by the system when its holder dies) and loads the kernel instead of waiting forever."""
+    import subprocess
+    import sys
+
+    assert cpu_extension.remove_stale_baton(str(tmp_path)) is False
+    (tmp_path / "lock").write_text("")
+    assert cpu_extension.remove_stale_baton(str(tmp_path)) is True and not (tmp_path / "lock").exists()
+
+    folder = cpu_extension.build_directory()
+    if folder is None:
+        pytest.skip("this torch does not name the extension's build folder")
+    lock = os.path.join(folder, "lock")
+    if os.path.exists(lock):  # a build is running right now (or one was killed): not ours to judge
+        pytest.skip(f"{lock} exists already")
+    open(lock, "w").close()
+    code = "from kernels import cpu_extension as c; m = c.load(); print('LOADED' if m is not None else c.build_error())"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    finally:
+        if os.path.exists(lock):
+            os.remove(lock)
+    assert done.returncode == 0 and "LOADED" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "a build lock left by an interrupted build" in done.stderr
 
 
 # ----------------------------------------------------------------------------- "gather" and "auto"
