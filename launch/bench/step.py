@@ -517,12 +517,12 @@ def _fresh_folder(parent: Path, name: str) -> Path:
 
 
 def run_moe_train(cfg, k: int, precision: str, device: torch.device, warmup: int, steps: int,
-                  timeout: float, keep_in: Optional[Path] = None) -> dict:
+                  timeout: float, keep_in: Optional[Path] = None, zero_stage: Optional[int] = None) -> dict:
     """``moe train`` (one rank, no launcher) on a copy of ``cfg`` for warmup + steps steps; its tokens/s
     after the warm-up (:func:`trainer_tokens_per_s`). The process is ended (SIGKILL, it is this
     function's own child) once the last step's record is written: its final checkpoint is not waited
     for. It runs in a temporary folder, or, with ``keep_in``, in a new folder there whose logs are kept
-    (the unfinished checkpoint is deleted)."""
+    (the unfinished checkpoint is deleted). ``zero_stage`` replaces the config's ZeRO stage."""
     import shutil
 
     import yaml
@@ -541,6 +541,9 @@ def run_moe_train(cfg, k: int, precision: str, device: torch.device, warmup: int
                                keep_checkpoints=0, precision=precision, compile=False)
         for assignment in train_k_overrides(cfg.model, k, total):
             apply_override(values, assignment)
+        if zero_stage is not None:
+            zero = values.setdefault("deepspeed", {}).get("zero_optimization")
+            values["deepspeed"]["zero_optimization"] = {**(zero if isinstance(zero, dict) else {}), "stage": zero_stage}
         config_path = Path(tmp) / "config.yaml"
         config_path.write_text(yaml.safe_dump(values, sort_keys=False))
         env = dict(os.environ)
@@ -599,25 +602,30 @@ def run_trainer_overhead(base, cfg, k: int, dtype: torch.dtype, device: torch.de
             notes.append(f"{name} failed: {_reason(err)}")
         step = None  # the copy, its gradients and optimizer states go with it
         _release(device)
-    _progress("trainer overhead: moe train (a subprocess)")
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
     zero = cfg.deepspeed.get("zero_optimization") or {}
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
-    train_row = {"name": f"moe train (DeepSpeed, ZeRO stage {stage})", "tokens_per_s": None}
-    failed = False
-    try:
-        measured = run_moe_train(cfg, k, precision, device, args.warmup, args.steps, args.train_timeout, keep_in)
-        train_row["tokens_per_s"] = measured["tokens_per_s"]
-        kept = f"; its logs: {measured['kept']}" if measured["kept"] else ""
-        notes.append(f"moe train: {measured['steps']} steps after {args.warmup} warm-up steps, from its "
-                     f"{METRICS} ({TOKENS_PER_S}, step time only); it ran {measured['wall_s']:.0f} s until its "
-                     f"last step was logged (its final checkpoint was not waited for){kept}")
-    except RuntimeError as err:
-        failed = True
-        notes.append(f"moe train failed: {str(err).strip()}")
-    for loop in loops:
-        loop["train_over_this"] = ratio(train_row["tokens_per_s"], loop["tokens_per_s"])
-    return {"loops": loops + [train_row], "notes": notes, "failed": failed}
+    config_stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+    stages = getattr(args, "train_stages", None) or [config_stage]
+    train_rows, failed = [], False
+    for stage in stages:
+        name = f"moe train (DeepSpeed, ZeRO stage {stage})"
+        _progress(f"trainer overhead: {name} (a subprocess)")
+        row = {"name": name, "tokens_per_s": None, "zero_stage": stage}
+        try:
+            measured = run_moe_train(cfg, k, precision, device, args.warmup, args.steps, args.train_timeout,
+                                     keep_in, zero_stage=None if stage == config_stage else stage)
+            row["tokens_per_s"] = measured["tokens_per_s"]
+            kept = f"; its logs: {measured['kept']}" if measured["kept"] else ""
+            notes.append(f"{name}: {measured['steps']} steps after {args.warmup} warm-up steps, from its "
+                         f"{METRICS} ({TOKENS_PER_S}, step time only); it ran {measured['wall_s']:.0f} s until its "
+                         f"last step was logged (its final checkpoint was not waited for){kept}")
+        except RuntimeError as err:
+            failed = True
+            notes.append(f"{name} failed: {str(err).strip()}")
+        train_rows.append(row)
+    for loop in loops:  # against the config's own stage (the first measured)
+        loop["train_over_this"] = ratio(train_rows[0]["tokens_per_s"], loop["tokens_per_s"])
+    return {"loops": loops + train_rows, "notes": notes, "failed": failed}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -650,9 +658,23 @@ def add_parser(which: argparse._SubParsersAction) -> None:
     parser.add_argument("--skip-compile", action="store_true", help="eager cases only")
     parser.add_argument("--skip-graphs", action="store_true", help="no CUDA-graph cases (they run on CUDA only)")
     parser.add_argument("--skip-train", action="store_true", help="no trainer-overhead part (no moe train run)")
+    parser.add_argument("--train-stages", type=_stages, default=None,
+                        help="ZeRO stages to run moe train at, e.g. 2,1,0 (default: the config's); the plain "
+                             "loops' ratio is against the first")
     parser.add_argument("--train-timeout", type=float, default=900.0, help="seconds moe train may take (default 900)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.set_defaults(func=run)
+
+
+def _stages(text: str) -> list[int]:
+    """``"2,1,0"`` -> [2, 1, 0]: ZeRO stages 0..3, each once."""
+    try:
+        stages = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ZeRO stages (0-3)") from None
+    if not stages or any(stage not in (0, 1, 2, 3) for stage in stages) or len(set(stages)) != len(stages):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct ZeRO stages among 0, 1, 2, 3")
+    return stages
 
 
 def _check_args(args: argparse.Namespace) -> None:

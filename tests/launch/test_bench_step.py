@@ -270,8 +270,38 @@ def test_bench_step_compares_moe_train_with_a_plain_loop(tmp_path, capsys, cache
     train_rate, plain_rate = _number(train_row[1]), _number(plain_row[1])  # printed to 1 token/s
     quotient = train_rate / plain_rate
     assert abs(_number(plain_row[2]) - quotient) <= 5e-4 + quotient * (0.5 / train_rate + 0.5 / plain_rate)
-    assert re.search(r"moe train: 2 steps after 2 warm-up steps", printed), printed[-1500:]
+    assert re.search(r"moe train \(DeepSpeed, ZeRO stage \d\): 2 steps after 2 warm-up steps", printed), printed[-1500:]
     kept = out_dir / "moe-train"  # --set out_dir keeps moe train's logs there, not its checkpoint
     steps = [r["step"] for r in map(json.loads, (kept / "metrics.jsonl").read_text().splitlines())
              if r["event"] == "train"]
     assert steps[:4] == [1, 2, 3, 4] and (kept / "train.log").exists() and not (kept / "checkpoints").exists()
+
+
+def test_train_stages_parse_and_each_gets_a_row(monkeypatch, cache):
+    import argparse
+
+    assert bench._stages("2,1,0") == [2, 1, 0] and bench._stages("3") == [3]
+    for bad in ("", "4", "1,1", "two"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench._stages(bad)
+
+    cfg = load_run_config(TINY, [f"data.cache_dir={cache}"])
+    asked = []
+
+    def fake_train(cfg, k, precision, device, warmup, steps, timeout, keep_in=None, zero_stage=None):
+        asked.append(zero_stage)
+        return {"tokens_per_s": 1000.0 * (len(asked)), "steps": steps, "wall_s": 1.0, "kept": None}
+
+    monkeypatch.setattr(bench, "run_moe_train", fake_train)
+    monkeypatch.setattr(bench, "make_step", lambda *a, **kw: None)
+    monkeypatch.setattr(bench, "time_plain_loop", lambda *a, **kw: 8.0)
+    args = argparse.Namespace(warmup=1, steps=2, train_timeout=60.0, train_stages=[0, 2])
+    model = MoETransformer(cfg.model)
+    result = bench.run_trainer_overhead(model, cfg, 2, torch.float32, torch.device("cpu"), args)
+    config_stage = cfg.deepspeed["zero_optimization"]["stage"]
+    assert asked == [None if s == config_stage else s for s in (0, 2)]  # the config's own stage is not rewritten
+    plain, first, second = result["loops"]
+    assert [first["zero_stage"], second["zero_stage"]] == [0, 2]
+    assert first["name"] == "moe train (DeepSpeed, ZeRO stage 0)" and second["tokens_per_s"] == 2000.0
+    assert plain["train_over_this"] == pytest.approx(first["tokens_per_s"] / plain["tokens_per_s"])
+    assert not result["failed"]
