@@ -169,6 +169,11 @@ class TopKRouter(nn.Module):
                 setattr(self, name, original.to(device=current.device))
         return self
 
+    def _needs_probabilities(self) -> bool:
+        """Whether training can ask for the [T, E] probabilities (the aux or the mutual-information loss)."""
+        cfg = self.config
+        return (cfg.balance == "aux_loss" and cfg.aux_loss_coeff > 0) or cfg.mi_loss_coeff > 0
+
     def forward(self, x: torch.Tensor, k: int) -> Routing:
         """Route ``x [T, d]`` to ``k`` experts each."""
         cfg = self.config
@@ -177,9 +182,10 @@ class TopKRouter(nn.Module):
         use_aux = self.training and cfg.balance == "aux_loss" and cfg.aux_loss_coeff > 0
         use_mi = self.training and cfg.mi_loss_coeff > 0
         scores = None
-        if softmax and cfg.normalize_topk and self.expert_bias is None and not (use_aux or use_mi):
-            # the softmax is monotonic, so the top-k of the logits are the top-k of the scores, and the
-            # renormalised weights are a softmax over the k chosen logits: no [T, E] softmax at all
+        if softmax and cfg.normalize_topk and self.expert_bias is None and not self._needs_probabilities():
+            # The softmax is monotonic, so the top-k of the logits are the top-k of the scores, and the
+            # renormalised weights are a softmax over the k chosen logits: no [T, E] softmax at all.
+            # Chosen from the config alone, so a model computes its weights one way in every mode.
             top_logits, indices = torch.topk(logits, k, dim=-1)  # [T, k]
             weights = torch.softmax(top_logits, dim=-1)
         else:
@@ -188,12 +194,9 @@ class TopKRouter(nn.Module):
             if self.expert_bias is not None:
                 selection = selection + self.expert_bias
             indices = torch.topk(selection, k, dim=-1).indices  # [T, k]
-            if softmax and cfg.normalize_topk:  # p_i / sum of the chosen p_j, in one op
-                weights = torch.softmax(logits.gather(1, indices), dim=-1)
-            else:
-                weights = scores.gather(1, indices)  # [T, k], unbiased scores
-                if cfg.normalize_topk:
-                    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            weights = scores.gather(1, indices)  # [T, k], unbiased scores
+            if cfg.normalize_topk:
+                weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
         routed = expert_counts(indices.flatten(), cfg.num_experts)  # [E]
         kept = None
