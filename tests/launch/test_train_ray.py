@@ -179,6 +179,11 @@ def test_a_killed_worker_restarts_from_the_published_checkpoint_and_ends_like_an
         assert published_before and killed_at < STEPS, (published_before, killed_at)
         assert set(workers) == {"rank0", "other"}, workers
         os.kill(workers["other"], signal.SIGKILL)  # a lost worker: no chance to save or say goodbye
+        # Training went on while the workers were looked up, so what was published by the kill is read
+        # after it: a second later, so that a checkpoint whose reports were all in by then is listed (no
+        # new one can come until the restarted workers have loaded one and trained save_every steps).
+        time.sleep(1.0)
+        published_before, killed_at = _published(out_dir), _last_step(out_dir)
         code = driver.wait(timeout=300)
     finally:
         if driver.poll() is None:
