@@ -358,20 +358,6 @@ def _extension_applies(x, row_index, offsets, w1, w3, w2) -> bool:
     )
 
 
-def check_source_order(source_order, row_index, num_sources: int, who: str) -> None:
-    """``source_order [N]`` (integer, like ``row_index``) is r grouped rows per source row, ``N = r * M``."""
-    if source_order is None:
-        return
-    if source_order.dim() != 1 or source_order.shape != row_index.shape or source_order.dtype not in (torch.int32,
-                                                                                                     torch.int64):
-        raise ValueError(f"{who}: source_order must be int64 (or int32) [N={row_index.shape[0]}], got "
-                         f"{source_order.dtype} {tuple(source_order.shape)}")
-    rows = source_order.shape[0]
-    if (num_sources == 0 and rows) or (num_sources and rows % num_sources):
-        raise ValueError(f"{who}: source_order needs the same number of grouped rows per source row; "
-                         f"{rows} rows do not divide among {num_sources} source rows")
-
-
 def expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = "swiglu", backend: str = "auto",
                source_order=None):
     """``out [M, d]``: the weighted expert outputs of the grouped rows, added at their source rows.
@@ -379,8 +365,8 @@ def expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = 
     Differentiable in ``x``, ``row_weight`` and the three weights on every backend. ``source_order``
     (optional, ``[N]``): the grouped rows of each source row, the same number r per row,
     ``row_index[source_order[m * r + j]] == m``; the Triton path then sums the results at their
-    source rows without a sort of ``row_index`` (see :func:`kernels.triton_ops.expert_mlp_triton`),
-    the others add them with ``index_add`` as without it.
+    source rows without a sort of ``row_index`` (see :func:`kernels.triton_ops.expert_mlp_triton`, which
+    checks it), the others ignore it and add the results with ``index_add``.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"expert_mlp: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
@@ -388,7 +374,6 @@ def expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = 
         raise ValueError("expert_mlp: w3 is required for swiglu and must be None otherwise")
     if row_index.shape != row_weight.shape or row_index.dim() != 1:
         raise ValueError(f"expert_mlp: row_index {tuple(row_index.shape)} and row_weight {tuple(row_weight.shape)} must be [N]")
-    check_source_order(source_order, row_index, x.shape[0], "expert_mlp")
     if backend == "auto":
         backend = _auto_backend(x, row_index, w1, w3)
     if backend == "gather":

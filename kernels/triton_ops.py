@@ -28,8 +28,6 @@ from typing import Optional
 
 import torch
 
-from kernels.expert_mlp import check_source_order
-
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 
 
@@ -306,7 +304,21 @@ def _check_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation,
         raise ValueError(f"expert_mlp_triton: row_index must be int64 (or int32), got {row_index.dtype}")
     if any(w is not None and w.dtype != x.dtype for w in (w1, w3, w2)):
         raise ValueError(f"expert_mlp_triton: x is {x.dtype} but the expert weights are {w1.dtype}")
-    check_source_order(source_order, row_index, x.shape[0], "expert_mlp_triton")
+    _check_source_order(source_order, row_index, x.shape[0], "expert_mlp_triton")
+
+
+def _check_source_order(source_order, row_index, num_sources: int, who: str) -> None:
+    """``source_order [N]`` (integer, like ``row_index``) is r grouped rows per source row, ``N = r * M``."""
+    if source_order is None:
+        return
+    if source_order.dim() != 1 or source_order.shape != row_index.shape or source_order.dtype not in (torch.int32,
+                                                                                                     torch.int64):
+        raise ValueError(f"{who}: source_order must be int64 (or int32) [N={row_index.shape[0]}], got "
+                         f"{source_order.dtype} {tuple(source_order.shape)}")
+    rows = source_order.shape[0]
+    if (num_sources == 0 and rows) or (num_sources and rows % num_sources):
+        raise ValueError(f"{who}: source_order needs the same number of grouped rows per source row; "
+                         f"{rows} rows do not divide among {num_sources} source rows")
 
 
 def expert_mlp_triton(x, row_index, row_weight, offsets, w1, w3, w2, activation: str = "swiglu",

@@ -169,20 +169,16 @@ class TopKRouter(nn.Module):
                 setattr(self, name, original.to(device=current.device))
         return self
 
-    def _needs_probabilities(self) -> bool:
-        """Whether training can ask for the [T, E] probabilities (the aux or the mutual-information loss)."""
-        cfg = self.config
-        return (cfg.balance == "aux_loss" and cfg.aux_loss_coeff > 0) or cfg.mi_loss_coeff > 0
-
     def forward(self, x: torch.Tensor, k: int) -> Routing:
         """Route ``x [T, d]`` to ``k`` experts each."""
         cfg = self.config
         logits = router_logits(x, self.weight)  # [T, E], fp32
         softmax = cfg.score_function == "softmax"
-        use_aux = self.training and cfg.balance == "aux_loss" and cfg.aux_loss_coeff > 0
-        use_mi = self.training and cfg.mi_loss_coeff > 0
+        wants_aux = cfg.balance == "aux_loss" and cfg.aux_loss_coeff > 0
+        wants_mi = cfg.mi_loss_coeff > 0
+        use_aux, use_mi = self.training and wants_aux, self.training and wants_mi
         scores = None
-        if softmax and cfg.normalize_topk and self.expert_bias is None and not self._needs_probabilities():
+        if softmax and cfg.normalize_topk and self.expert_bias is None and not (wants_aux or wants_mi):
             # The softmax is monotonic, so the top-k of the logits are the top-k of the scores, and the
             # renormalised weights are a softmax over the k chosen logits: no [T, E] softmax at all.
             # Chosen from the config alone, so a model computes its weights one way in every mode.

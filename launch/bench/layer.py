@@ -290,23 +290,19 @@ class Step:
         return time.perf_counter() - start
 
 
-def _timed(run: Callable[[], None], leaves: list[torch.Tensor], device: torch.device) -> Step:
-    return Step(run, leaves, device)
-
-
 def _backward_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Step:
     def run() -> None:
         out = module(x)
         (out[0] if isinstance(out, tuple) else out).backward(grad)
 
-    return _timed(run, [x, *module.parameters()], x.device)
+    return Step(run, [x, *module.parameters()], x.device)
 
 
 def _dense_mlp_step(x: torch.Tensor, w1: torch.Tensor, w3: Optional[torch.Tensor], w2: torch.Tensor,
                     grad: torch.Tensor) -> Step:
     """The experts' MLP on all of ``x`` (T*k rows) at once, through autograd like ours."""
     leaves = [t for t in (x, w1, w3, w2) if t is not None]
-    return _timed(lambda: dense_mlp(x, w1, w3, w2).backward(grad), leaves, x.device)
+    return Step(lambda: dense_mlp(x, w1, w3, w2).backward(grad), leaves, x.device)
 
 
 def _dense_gemm_step(x: torch.Tensor, w1: torch.Tensor, w3: Optional[torch.Tensor], w2: torch.Tensor,
@@ -328,7 +324,7 @@ def _dense_gemm_step(x: torch.Tensor, w1: torch.Tensor, w3: Optional[torch.Tenso
             outputs += [x @ w3, x.t() @ grad_hidden]  # the third forward matmul, the gradient of w3
             outputs.append(torch.addmm(grad_hidden @ w1.t(), grad_hidden, w3.t()))  # input gradient
 
-    return _timed(run, [], x.device)
+    return Step(run, [], x.device)
 
 
 def _expert_gemm_step(x: torch.Tensor, ours, grad: torch.Tensor) -> Step:
@@ -366,7 +362,7 @@ def _expert_gemm_step(x: torch.Tensor, ours, grad: torch.Tensor) -> Step:
                 torch.mm(x_e.t(), grad_hidden, out=grad_w3[e])
                 _ = torch.addmm(grad_hidden @ w1[e].t(), grad_hidden, w3[e].t())  # input gradient
 
-    return _timed(run, [], x.device)
+    return Step(run, [], x.device)
 
 
 def _deepspeed_step(ours, k: int, x: torch.Tensor, grad: torch.Tensor) -> Step:
