@@ -5,6 +5,8 @@ Public API:
 - :func:`triton_usable`: whether the Triton path can run on a tensor.
 - :func:`grouped_mm_triton`: ``x [N, K] @ w [E, K, M]`` per expert group (the semantics of
   :func:`kernels.grouped_mm_loop`), differentiable in ``x`` and ``w``.
+- :func:`group_by_expert_triton`: a router's T*k choices grouped by expert (a stable counting sort,
+  :mod:`kernels.triton_grouping`), differentiable in the gate weights.
 - :func:`expert_mlp_triton`: the expert MLP with the gather fused into the first GEMM and the
   weighted scatter-add into the second one's epilogue (the semantics of
   :func:`kernels.expert_mlp_reference`), differentiable in ``x``, ``row_weight``, ``w1``, ``w3``, ``w2``.
@@ -50,6 +52,12 @@ def _kernels():
     import kernels.triton_kernels as triton_kernels  # imports triton: only at the first call
 
     return triton_kernels
+
+
+def _grouping():
+    import kernels.triton_grouping as triton_grouping  # imports triton: only at the first call
+
+    return triton_grouping
 
 
 def _require_usable(name: str, x: torch.Tensor) -> None:
@@ -343,3 +351,68 @@ def expert_mlp_triton(x, row_index, row_weight, offsets, w1, w3, w2, activation:
     out, _, _ = torch.ops.slimmoe.expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation, save,
                                              source_order)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# group_by_expert
+# ---------------------------------------------------------------------------------------------
+
+# The most experts the grouping kernels take (their last program reads all E group ends at once);
+# a model with more keeps the argsort path.
+GROUPING_MAX_EXPERTS = 1024
+
+
+@torch.library.custom_op("slimmoe::group_by_expert", mutates_args=())
+def _group_by_expert_op(indices: torch.Tensor, weights: torch.Tensor,
+                        num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_index [S] int64, row_weight [S], source_order [S] int64, offsets [E] int32) for S = T*k."""
+    _require_usable("slimmoe::group_by_expert", indices)
+    return _grouping().group_by_expert(indices, weights, num_experts)
+
+
+@_group_by_expert_op.register_fake
+def _(indices, weights, num_experts):
+    slots = indices.numel()
+    return (indices.new_empty(slots, dtype=torch.int64), weights.new_empty(slots),
+            indices.new_empty(slots, dtype=torch.int64), indices.new_empty(num_experts, dtype=torch.int32))
+
+
+def _group_by_expert_setup(ctx, inputs, output):
+    _, weights, _ = inputs
+    row_index, _, source_order, offsets = output
+    ctx.weights_shape = weights.shape
+    ctx.save_for_backward(source_order)
+    ctx.mark_non_differentiable(row_index, source_order, offsets)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the integer outputs
+
+
+def _group_by_expert_backward(ctx, grad_row_index, grad_row_weight, grad_source_order, grad_offsets):
+    """The grouped weights are a permutation of the slots' weights: slot s's gradient is that of its
+    grouped row ``source_order[s]`` (one gather)."""
+    if grad_row_weight is None:
+        return None, None, None
+    (source_order,) = ctx.saved_tensors
+    return None, grad_row_weight.index_select(0, source_order).view(ctx.weights_shape), None
+
+
+torch.library.register_autograd("slimmoe::group_by_expert", _group_by_expert_backward,
+                                setup_context=_group_by_expert_setup)
+
+
+def group_by_expert_triton(indices: torch.Tensor, weights: torch.Tensor, num_experts: int):
+    """A router's choices ``indices [T, k]`` (ids in ``0..num_experts-1``, not checked: that would cost
+    a host sync) with gate ``weights [T, k]``, grouped by expert as a stable argsort of the flattened
+    ids groups them: ``(row_index [T*k] int64, row_weight [T*k], source_order [T*k] int64, offsets [E]
+    int32)``, where grouped row i is slot ``order[i]`` (token ``order[i] // k``), ``source_order`` is the
+    inverse of ``order`` and ``offsets`` the cumulative group ends. Differentiable in ``weights``."""
+    if indices.dim() != 2 or weights.shape != indices.shape:
+        raise ValueError(f"group_by_expert_triton: expects indices [T, k] and weights [T, k]; got indices "
+                         f"{tuple(indices.shape)}, weights {tuple(weights.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"group_by_expert_triton: indices must be int64 (or int32), got {indices.dtype}")
+    if not 1 <= num_experts <= GROUPING_MAX_EXPERTS:
+        raise ValueError(f"group_by_expert_triton: num_experts={num_experts}; the kernels take 1..{GROUPING_MAX_EXPERTS}")
+    if weights.device != indices.device:
+        raise ValueError(f"group_by_expert_triton: indices on {indices.device} but weights on {weights.device}")
+    _require_usable("group_by_expert_triton", indices)
+    return torch.ops.slimmoe.group_by_expert(indices, weights, num_experts)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+import kernels
 from moe.routers import Routing
 
 
@@ -40,6 +41,9 @@ class GroupedRows:
     """[N] int64 or None: with r = N / M assignments per source row, source row m's are the grouped rows
     ``source_order[m*r : (m+1)*r]`` (``row_index[source_order[m*r + j]] == m``). None where rows have
     different numbers of assignments (capacity dropping)."""
+    offsets: Optional[torch.Tensor] = None
+    """[E_local] int32 or None: cumulative group ends (``kernels.offsets_from_counts(tokens_per_expert)``),
+    where the grouping already produced them."""
 
 
 class LocalDispatcher:
@@ -76,7 +80,16 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
 
 
 def sort_by_expert(x: torch.Tensor, routing: Routing, num_experts: int) -> GroupedRows:
-    """Group the kept assignments of ``routing`` by expert (a stable sort keeps token order)."""
+    """Group the kept assignments of ``routing`` by expert (a stable sort keeps token order).
+
+    Dropless routing on a GPU takes the Triton counting sort (``kernels.group_by_expert_triton``:
+    three launches, the same grouping); capacity dropping, the CPU and more than
+    ``kernels.triton_ops.GROUPING_MAX_EXPERTS`` experts take an argsort."""
+    if routing.kept is None and kernels.grouping_kernel_applies(routing.indices, num_experts):
+        row_index, row_weight, source_order, offsets = kernels.group_by_expert_triton(
+            routing.indices, routing.weights, num_experts)
+        return GroupedRows(source=x, row_index=row_index, row_weight=row_weight,
+                           tokens_per_expert=routing.tokens_per_expert, source_order=source_order, offsets=offsets)
     top_k = routing.indices.shape[1]
     expert_of_slot = routing.indices.flatten()  # [T*k]
     if routing.kept is not None:  # dropped slots sort past the last expert and are cut off

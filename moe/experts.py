@@ -40,7 +40,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, rows: GroupedRows) -> torch.Tensor:
         """The weighted expert outputs, added at their source rows: ``[M, d]`` like ``rows.source``."""
-        offsets = kernels.offsets_from_counts(rows.tokens_per_expert)
+        offsets = rows.offsets if rows.offsets is not None else kernels.offsets_from_counts(rows.tokens_per_expert)
         return kernels.expert_mlp(
             rows.source, rows.row_index, rows.row_weight, offsets, self.w1, self.w3, self.w2,
             activation=self.activation, backend=self.backend, source_order=rows.source_order,

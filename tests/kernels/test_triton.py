@@ -706,6 +706,22 @@ def _aot_report() -> dict:
                        E_PAD=tk._e_pad(E))
     report["xty_chunk_reduce"] = compile_one(tk._xty_chunk_reduce_kernel, reduce_args,
                                              triton.Config(dict(BLOCK=1024), num_warps=4, num_stages=1))
+    import kernels.triton_grouping as tg
+
+    for experts in (64, tg.MAX_EXPERTS):  # the grouping kernels' register use grows with E_PAD
+        ids, blocks = torch.randint(0, experts, (N,)), triton.cdiv(N, tg.BLOCK_SLOTS)
+        ends = torch.empty(experts * blocks, dtype=torch.int32)
+        block = dict(BLOCK=tg.BLOCK_SLOTS, E_PAD=tg._e_pad(experts))
+        report[f"grouping histogram E={experts}"] = compile_one(
+            tg._block_histogram_kernel, dict(ids_ptr=ids, hist_ptr=ends, num_slots=N, num_blocks=blocks,
+                                             num_experts=experts),
+            triton.Config(dict(block, CHUNK=tg.EXPERT_CHUNK), num_warps=4, num_stages=1))
+        report[f"grouping scatter E={experts}"] = compile_one(
+            tg._block_scatter_kernel, dict(ids_ptr=ids, weight_ptr=row_weight.to(bf), ends_ptr=ends,
+                                           row_index_ptr=row_index, row_weight_ptr=row_weight.to(bf),
+                                           source_order_ptr=row_index, offsets_ptr=offsets, num_slots=N,
+                                           num_blocks=blocks, num_experts=experts, top_k=2),
+            triton.Config(block, num_warps=4, num_stages=1))
     return report
 
 
@@ -730,6 +746,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert reports.pop("segment_sum")["spill_bytes"] == 0
     assert reports.pop("segment_sum fixed rows per source")["spill_bytes"] == 0
     assert reports.pop("xty_chunk_reduce")["spill_bytes"] == 0
+    for label in [label for label in reports if label.startswith("grouping")]:
+        assert reports.pop(label)["spill_bytes"] == 0, label
     for label, report in reports.items():
         assert report["pipelined"], f"{label}: main loop not software-pipelined: {report}"
         assert report["wgmma"], f"{label}: no wgmma: {report}"
