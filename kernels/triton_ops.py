@@ -5,6 +5,8 @@ Public API:
 - :func:`triton_usable`: whether the Triton path can run on a tensor.
 - :func:`grouped_mm_triton`: ``x [N, K] @ w [E, K, M]`` per expert group (the semantics of
   :func:`kernels.grouped_mm_loop`), differentiable in ``x`` and ``w``.
+- :func:`topk_route_triton`: a router's top-k selection, gate weights and per-expert counts from its
+  fp32 logits in one kernel (:mod:`kernels.triton_router`), differentiable in the logits.
 - :func:`group_by_expert_triton`: a router's T*k choices grouped by expert (a stable counting sort,
   :mod:`kernels.triton_grouping`), differentiable in the gate weights.
 - :func:`expert_mlp_triton`: the expert MLP with the gather fused into the first GEMM and the
@@ -52,6 +54,12 @@ def _kernels():
     import kernels.triton_kernels as triton_kernels  # imports triton: only at the first call
 
     return triton_kernels
+
+
+def _router():
+    import kernels.triton_router as triton_router  # imports triton: only at the first call
+
+    return triton_router
 
 
 def _grouping():
@@ -416,3 +424,88 @@ def group_by_expert_triton(indices: torch.Tensor, weights: torch.Tensor, num_exp
         raise ValueError(f"group_by_expert_triton: indices on {indices.device} but weights on {weights.device}")
     _require_usable("group_by_expert_triton", indices)
     return torch.ops.slimmoe.group_by_expert(indices, weights, num_experts)
+
+
+# ---------------------------------------------------------------------------------------------
+# topk_route
+# ---------------------------------------------------------------------------------------------
+
+ROUTING_MAX_EXPERTS = 1024  # the router kernel holds a token's whole logits row (E rounded up to a power of 2)
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
+@torch.library.custom_op("slimmoe::topk_route", mutates_args=())
+def _topk_route_op(logits: torch.Tensor, top_k: int, bias: Optional[torch.Tensor], score: str,
+                   normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices [T, k] int64, weights [T, k] fp32, counts [E] int64)."""
+    _require_usable("slimmoe::topk_route", logits)
+    return _router().topk_route(logits, top_k, bias, score, normalize)
+
+
+@_topk_route_op.register_fake
+def _(logits, top_k, bias, score, normalize):
+    tokens, experts = logits.shape
+    return (logits.new_empty(tokens, top_k, dtype=torch.int64), logits.new_empty(tokens, top_k, dtype=torch.float32),
+            logits.new_empty(experts, dtype=torch.int64))
+
+
+@torch.library.custom_op("slimmoe::topk_route_backward", mutates_args=())
+def _topk_route_backward_op(grad_weights: torch.Tensor, logits: torch.Tensor, indices: torch.Tensor,
+                            weights: torch.Tensor, score: str, normalize: bool) -> torch.Tensor:
+    """``[T, E]`` fp32: the logits' gradient."""
+    _require_usable("slimmoe::topk_route_backward", logits)
+    return _router().topk_route_backward(grad_weights, logits, indices, weights, score, normalize)
+
+
+@_topk_route_backward_op.register_fake
+def _(grad_weights, logits, indices, weights, score, normalize):
+    return torch.empty_like(logits, dtype=torch.float32)
+
+
+def _topk_route_setup(ctx, inputs, output):
+    logits, _, _, score, normalize = inputs
+    indices, weights, counts = output
+    ctx.score, ctx.normalize = score, normalize
+    ctx.save_for_backward(logits, indices, weights)
+    ctx.mark_non_differentiable(indices, counts)
+    ctx.set_materialize_grads(False)
+
+
+def _topk_route_backward(ctx, grad_indices, grad_weights, grad_counts):
+    if grad_weights is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    logits, indices, weights = ctx.saved_tensors
+    grad_logits = torch.ops.slimmoe.topk_route_backward(grad_weights, logits, indices, weights, ctx.score,
+                                                        ctx.normalize)
+    return grad_logits, None, None, None, None
+
+
+torch.library.register_autograd("slimmoe::topk_route", _topk_route_backward, setup_context=_topk_route_setup)
+
+
+def topk_route_triton(logits: torch.Tensor, top_k: int, bias: Optional[torch.Tensor] = None, score: str = "softmax",
+                      normalize: bool = True):
+    """A router's selection from fp32 ``logits [T, E]``: ``(indices [T, k] int64, weights [T, k] fp32,
+    counts [E] int64)``.
+
+    Scores are ``softmax(logits)`` or ``sigmoid(logits)`` (``score``); the k experts with the highest
+    ``score + bias`` (``bias [E]`` fp32, optional; it steers the choice and nothing else) are chosen,
+    best first; their weights are their scores, divided by the k scores' sum with ``normalize`` (for
+    softmax: the softmax over the k chosen logits); ``counts`` are the choices per expert.
+    Differentiable in ``logits`` (the weights' gradient; the indices and counts are not differentiable).
+    """
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"topk_route_triton: expects fp32 logits [T, E]; got {logits.dtype} {tuple(logits.shape)}")
+    num_experts = logits.shape[1]
+    if not 1 <= num_experts <= ROUTING_MAX_EXPERTS:
+        raise ValueError(f"topk_route_triton: {num_experts} experts; the kernel takes 1..{ROUTING_MAX_EXPERTS}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"topk_route_triton: top_k={top_k!r} must be an integer in 1..{num_experts}")
+    if score not in SCORE_FUNCTIONS:
+        raise ValueError(f"topk_route_triton: unknown score {score!r}; expected one of {SCORE_FUNCTIONS}")
+    if bias is not None and (bias.shape != (num_experts,) or bias.dtype != torch.float32
+                             or bias.device != logits.device):
+        raise ValueError(f"topk_route_triton: bias must be fp32 [{num_experts}] on {logits.device}; got "
+                         f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
+    _require_usable("topk_route_triton", logits)
+    return torch.ops.slimmoe.topk_route(logits, top_k, bias, score, bool(normalize))

@@ -84,7 +84,7 @@ def sort_by_expert(x: torch.Tensor, routing: Routing, num_experts: int) -> Group
 
     Dropless routing on a GPU takes the Triton counting sort (``kernels.group_by_expert_triton``:
     three launches, the same grouping); capacity dropping, the CPU and more than
-    ``kernels.triton_ops.GROUPING_MAX_EXPERTS`` experts take an argsort."""
+    ``kernels.triton_ops.GROUPING_MAX_EXPERTS`` experts (or ``SLIMMOE_ROUTING_KERNELS=0``) take an argsort."""
     if routing.kept is None and kernels.grouping_kernel_applies(routing.indices, num_experts):
         row_index, row_weight, source_order, offsets = kernels.group_by_expert_triton(
             routing.indices, routing.weights, num_experts)

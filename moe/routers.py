@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from moe.balance import (
     capacity_keep_mask,
     expert_capacity,
@@ -177,8 +178,13 @@ class TopKRouter(nn.Module):
         wants_aux = cfg.balance == "aux_loss" and cfg.aux_loss_coeff > 0
         wants_mi = cfg.mi_loss_coeff > 0
         use_aux, use_mi = self.training and wants_aux, self.training and wants_mi
-        scores = None
-        if softmax and cfg.normalize_topk and self.expert_bias is None and not (wants_aux or wants_mi):
+        scores = routed = None
+        if not (wants_aux or wants_mi) and kernels.routing_kernel_applies(logits, cfg.num_experts):
+            # On a GPU, where no [T, E] probabilities are needed: the selection, the weights (from the
+            # unbiased scores, the same formulas) and the counts in one Triton kernel, its backward in one more.
+            indices, weights, routed = kernels.topk_route_triton(logits, k, self.expert_bias, cfg.score_function,
+                                                                 cfg.normalize_topk)
+        elif softmax and cfg.normalize_topk and self.expert_bias is None and not (wants_aux or wants_mi):
             # The softmax is monotonic, so the top-k of the logits are the top-k of the scores, and the
             # renormalised weights are a softmax over the k chosen logits: no [T, E] softmax at all.
             # Chosen from the config alone, so a model computes its weights one way in every mode.
@@ -194,7 +200,8 @@ class TopKRouter(nn.Module):
             if cfg.normalize_topk:
                 weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
-        routed = expert_counts(indices.flatten(), cfg.num_experts)  # [E]
+        if routed is None:
+            routed = expert_counts(indices.flatten(), cfg.num_experts)  # [E]
         kept = None
         tokens_per_expert = routed
         if cfg.capacity_factor is not None:

@@ -80,6 +80,9 @@ COLUMNS = (  # (key, header, definition)
     ("ours_ms", "ours ms", "moe.MoELayer forward+backward, median wall time"),
     ("ours_host_ms", "ours host ms", "CUDA only: the host's part of ours ms, until forward+backward returned (the "
      "device was synchronised before the call, not yet after it): close to ours ms, the GPU waited for the launches"),
+    ("torch_routing_ms", "torch-routing ms", "CUDA only: ours with the router's selection and the grouping by "
+     "expert in torch ops (top-k, softmax, argsort, ...) instead of the Triton routing kernels "
+     "(kernels.routing_kernels(False))"),
     ("deepspeed_ms", "deepspeed ms", "deepspeed.moe.layer.MoE (dropless, same experts and routing) forward+backward"),
     ("dense_mlp_ms", "dense MLP ms", "the same dense MLP on T*k rows forward+backward (same FLOPs, no routing)"),
     ("dense_gemm_ms", "dense GEMM ms", "only the dense MLP's forward and backward matmuls (SwiGLU 3+6, GELU 2+4; "
@@ -93,6 +96,7 @@ COLUMNS = (  # (key, header, definition)
     ("expert_per_dense_gemm", "xGEMM/GEMM", "expert GEMM ms / dense GEMM ms: the cost of E weight sets run that way"),
     ("deepspeed_per_dense_mlp", "ds/MLP", "deepspeed ms / dense MLP ms"),
     ("speedup_vs_deepspeed", "ds/ours", "deepspeed ms / ours ms: our speedup over deepspeed"),
+    ("routing_kernel_speedup", "tr/ours", "torch-routing ms / ours ms: what the routing kernels save"),
 )
 RATIOS = {  # ratio key: (numerator, denominator), both time keys
     "ours_per_dense_mlp": ("ours_ms", "dense_mlp_ms"),
@@ -100,6 +104,7 @@ RATIOS = {  # ratio key: (numerator, denominator), both time keys
     "expert_per_dense_gemm": ("expert_gemm_ms", "dense_gemm_ms"),
     "deepspeed_per_dense_mlp": ("deepspeed_ms", "dense_mlp_ms"),
     "speedup_vs_deepspeed": ("deepspeed_ms", "ours_ms"),
+    "routing_kernel_speedup": ("torch_routing_ms", "ours_ms"),
 }
 TIME_KEYS = tuple(key for key, _, _ in COLUMNS if key.endswith("_ms"))
 SHAPE_HEADER = "d,f,E,k,T"
@@ -365,6 +370,17 @@ def _expert_gemm_step(x: torch.Tensor, ours, grad: torch.Tensor) -> Step:
     return Step(run, [], x.device)
 
 
+def _torch_routing_step(ours: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Step:
+    """Ours with the routing kernels switched off for the call (the torch path they replace)."""
+    from kernels.routing import routing_kernels
+
+    def run() -> None:
+        with routing_kernels(False):
+            ours(x).backward(grad)
+
+    return Step(run, [x, *ours.parameters()], x.device)
+
+
 def _deepspeed_step(ours, k: int, x: torch.Tensor, grad: torch.Tensor) -> Step:
     step = _backward_step(build_deepspeed(ours, k), x, grad)
     step()  # fails here, not mid-measurement, on what DeepSpeed does not support
@@ -389,6 +405,8 @@ def _bench_shape(d: int, f: int, experts: int, k: int, tokens: int, repeats: int
     ours = build_ours(d, f, experts, k, activation, device, dtype)
     expert_path = auto_expert_path(ours, x, ours.active_experts)
     steps = {"ours_ms": _backward_step(ours, x, grad)}
+    if device.type == "cuda":
+        steps["torch_routing_ms"] = _torch_routing_step(ours, x, grad)
     if deepspeed_error is None:
         try:
             steps["deepspeed_ms"] = _deepspeed_step(ours, k, x, grad)

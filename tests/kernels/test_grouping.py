@@ -16,7 +16,8 @@ import torch
 pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from kernels.triton_ops import GROUPING_MAX_EXPERTS, group_by_expert_triton, triton_usable  # noqa: E402
+from kernels.triton_ops import GROUPING_MAX_EXPERTS, ROUTING_MAX_EXPERTS, group_by_expert_triton, triton_usable  # noqa: E402
+from kernels.routing import routing_kernels  # noqa: E402
 from moe.dispatch import sort_by_expert  # noqa: E402
 from moe.routers import Routing, expert_counts  # noqa: E402
 
@@ -86,7 +87,7 @@ def test_grouping_equals_the_naive_loop_and_the_argsort(tokens, top_k, num_exper
     monkeypatch.setenv("SLIMMOE_TRITON_ON_CPU", "1")
     assert kernels.grouping_kernel_applies(indices, num_experts)
     by_kernel = sort_by_expert(torch.zeros(tokens, 1), routing, num_experts)
-    monkeypatch.setenv("SLIMMOE_GROUPING_KERNEL", "0")
+    monkeypatch.setenv("SLIMMOE_ROUTING_KERNELS", "0")
     by_sort = sort_by_expert(torch.zeros(tokens, 1), routing, num_experts)
     assert by_kernel.offsets is not None and by_sort.offsets is None
     assert torch.equal(by_kernel.offsets, kernels.offsets_from_counts(counts))
@@ -152,22 +153,34 @@ def test_bad_arguments_are_named(indices, weights, num_experts, message):
         group_by_expert_triton(indices, weights, num_experts)
 
 
-def test_where_the_kernel_applies(monkeypatch):
-    """CUDA always (up to GROUPING_MAX_EXPERTS experts); CPU only in the interpreter on request;
-    SLIMMOE_GROUPING_KERNEL=0 nowhere. Decided from the device alone (no CUDA tensor needed here)."""
+def test_where_the_kernels_apply(monkeypatch):
+    """The grouping and the router kernel: CUDA always (up to their most experts); CPU only in the
+    interpreter on request; SLIMMOE_ROUTING_KERNELS=0 nowhere. Decided from the device alone (no
+    CUDA tensor needed here)."""
     on = types.SimpleNamespace(device=torch.device("cuda", 0))
     cpu = torch.zeros(1, 1, dtype=torch.int64)
-    monkeypatch.delenv("SLIMMOE_TRITON_ON_CPU", raising=False)
-    monkeypatch.delenv("SLIMMOE_GROUPING_KERNEL", raising=False)
-    assert kernels.grouping_kernel_applies(on, 64)
-    assert kernels.grouping_kernel_applies(on, GROUPING_MAX_EXPERTS)
-    assert not kernels.grouping_kernel_applies(on, GROUPING_MAX_EXPERTS + 1)
-    assert not kernels.grouping_kernel_applies(cpu, 8)
-    monkeypatch.setenv("SLIMMOE_TRITON_ON_CPU", "1")
-    assert kernels.grouping_kernel_applies(cpu, 8) == (triton_usable(cpu))
-    monkeypatch.setenv("SLIMMOE_GROUPING_KERNEL", "0")
-    assert not kernels.grouping_kernel_applies(on, 64)
-    assert not kernels.grouping_kernel_applies(cpu, 8)
+    for applies, most in ((kernels.grouping_kernel_applies, GROUPING_MAX_EXPERTS),
+                          (kernels.routing_kernel_applies, ROUTING_MAX_EXPERTS)):
+        monkeypatch.delenv("SLIMMOE_TRITON_ON_CPU", raising=False)
+        monkeypatch.delenv("SLIMMOE_ROUTING_KERNELS", raising=False)
+        assert applies(on, 64)
+        assert applies(on, most)
+        assert not applies(on, most + 1)
+        assert not applies(cpu, 8)
+        monkeypatch.setenv("SLIMMOE_TRITON_ON_CPU", "1")
+        assert applies(cpu, 8) == triton_usable(cpu)
+        monkeypatch.setenv("SLIMMOE_ROUTING_KERNELS", "0")
+        assert not applies(on, 64)
+        assert not applies(cpu, 8)
+        with routing_kernels(True):  # a benchmark's switch outranks the environment, both ways
+            assert applies(on, 64)
+        monkeypatch.setenv("SLIMMOE_ROUTING_KERNELS", "1")
+        with routing_kernels(False):
+            assert not applies(on, 64)
+            with routing_kernels(True):
+                assert applies(on, 64)
+            assert not applies(on, 64)
+        assert applies(on, 64)
 
 
 def test_capacity_dropping_keeps_the_argsort(monkeypatch):
@@ -197,7 +210,7 @@ def test_grouping_on_cuda_equals_the_argsort(tokens, top_k, num_experts, skew, m
     assert by_kernel.offsets is not None, "the kernel path did not run"
     grad_rows = torch.randn(by_kernel.row_weight.shape[0], device="cuda", dtype=torch.bfloat16)
     (grad_kernel,) = torch.autograd.grad((by_kernel.row_weight * grad_rows).sum(), weights)
-    monkeypatch.setenv("SLIMMOE_GROUPING_KERNEL", "0")
+    monkeypatch.setenv("SLIMMOE_ROUTING_KERNELS", "0")
     by_sort = sort_by_expert(torch.zeros(tokens, 1, device="cuda"), routing, num_experts)
     (grad_sort,) = torch.autograd.grad((by_sort.row_weight * grad_rows).sum(), weights)
     for name in ("row_index", "row_weight", "source_order"):

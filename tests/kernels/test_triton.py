@@ -722,6 +722,29 @@ def _aot_report() -> dict:
                                            source_order_ptr=row_index, offsets_ptr=offsets, num_slots=N,
                                            num_blocks=blocks, num_experts=experts, top_k=2),
             triton.Config(block, num_warps=4, num_stages=1))
+    import kernels.triton_router as tr
+    from kernels.triton_ops import ROUTING_MAX_EXPERTS
+
+    for experts, top_k in ((64, 6), (64, 64), (ROUTING_MAX_EXPERTS, 16)):  # fine-grained, k = E, the most experts
+        block_t, e_pad, k_pad = tr._tiles(experts, top_k)
+        logits, tokens = torch.empty(T, experts), T
+        shape = dict(BLOCK_T=block_t, E_PAD=e_pad, K_PAD=k_pad)
+        indices, weights = torch.empty(T, top_k, dtype=torch.int64), torch.empty(T, top_k)
+        for score in (0, 1):
+            for normalize in (True, False):
+                variant = f"E={experts} k={top_k} {'softmax' if score == 0 else 'sigmoid'}{' normalised' if normalize else ''}"
+                report[f"router {variant} with bias"] = compile_one(
+                    tr._topk_route_kernel, dict(logits_ptr=logits, bias_ptr=logits[0], indices_ptr=indices,
+                                                weights_ptr=weights, counts_ptr=indices[0], num_tokens=tokens,
+                                                num_experts=experts, top_k=top_k, stride_t=experts),
+                    triton.Config(dict(shape, SCORE=score, NORMALIZE=normalize, HAS_BIAS=True), num_warps=4,
+                                  num_stages=1))
+                report[f"router backward {variant}"] = compile_one(
+                    tr._topk_route_backward_kernel, dict(grad_ptr=weights, logits_ptr=logits, indices_ptr=indices,
+                                                         weights_ptr=weights, grad_logits_ptr=logits,
+                                                         num_tokens=tokens, num_experts=experts, top_k=top_k,
+                                                         stride_t=experts, stride_gt=experts),
+                    triton.Config(dict(shape, SCORE=score, NORMALIZE=normalize), num_warps=4, num_stages=1))
     return report
 
 
@@ -746,7 +769,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert reports.pop("segment_sum")["spill_bytes"] == 0
     assert reports.pop("segment_sum fixed rows per source")["spill_bytes"] == 0
     assert reports.pop("xty_chunk_reduce")["spill_bytes"] == 0
-    for label in [label for label in reports if label.startswith("grouping")]:
+    for label in [label for label in reports if label.startswith(("grouping", "router"))]:
         assert reports.pop(label)["spill_bytes"] == 0, label
     for label, report in reports.items():
         assert report["pipelined"], f"{label}: main loop not software-pipelined: {report}"

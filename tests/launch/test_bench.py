@@ -51,6 +51,8 @@ def test_bench_layer_writes_consistent_json(tmp_path, capsys):
     q1, q3 = row["ours_per_dense_mlp_iqr"]
     assert per_round[0] <= q1 <= row["ours_per_dense_mlp"] <= q3 <= per_round[-1]
     assert row["ours_host_ms"] is None and "ours_host_ms" not in rounds  # CUDA only
+    assert row["torch_routing_ms"] is None and "torch_routing_ms" not in rounds  # CUDA only
+    assert row["routing_kernel_speedup"] is None
     # the profile (3 more calls by default): ours and the dense MLP, ops and their self CPU time
     assert set(row["profiles"]) == set(bl.PROFILED)
     for key, profile in row["profiles"].items():
@@ -234,3 +236,28 @@ def test_bench_ep_counts_the_bytes_the_formula_predicts(tmp_path, capsys):
             assert 0 < row["a2a_share"] < 1
     printed = capsys.readouterr().out
     assert "measured / formula bytes at EP=2" in printed
+
+
+def test_torch_routing_column_runs_ours_without_the_routing_kernels(monkeypatch):
+    """The CUDA column "torch-routing ms" times the same layer with the routing kernels switched off:
+    checked on CPU with the Triton path in the interpreter, by which router and grouping each call takes."""
+    import kernels
+    from kernels.triton_ops import triton_usable
+
+    if not triton_usable(torch.zeros(1)):
+        pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py on machines without CUDA)")
+    monkeypatch.setenv("SLIMMOE_TRITON_ON_CPU", "1")
+    calls = []
+    for name in ("topk_route_triton", "group_by_expert_triton"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
+    ours = bl.build_ours(16, 16, 4, 2, "gelu", torch.device("cpu"), torch.float32)
+    x, grad = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16)
+    bl._backward_step(ours, x, grad)()
+    assert calls == ["topk_route_triton", "group_by_expert_triton"]
+    calls.clear()
+    step = bl._torch_routing_step(ours, x, grad)
+    step()
+    assert calls == [] and x.grad is not None
+    bl._backward_step(ours, x, grad)()  # switched off for that call only
+    assert calls == ["topk_route_triton", "group_by_expert_triton"]
