@@ -43,23 +43,38 @@ TILE_ELEMENTS = 1024  # logits per program: BLOCK_T tokens of E_PAD experts (8 p
 
 
 @triton.jit
-def _topk_route_kernel(logits_ptr, bias_ptr, indices_ptr, weights_ptr, counts_ptr, num_tokens, num_experts, top_k,
-                       stride_t, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
-                       SCORE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _logit_tile(logits_ptr, num_tokens, num_experts, stride_t, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
+                K_PAD: tl.constexpr):
+    """This program's tokens, expert columns, k slots, their masks, and its ``[BLOCK_T, E_PAD]`` logits
+    (-inf in the padding columns; rows past the last token are zeros, so they stay finite)."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
     ks = tl.arange(0, K_PAD)
     live = tokens < num_tokens
     known = cols < num_experts
-    tile = live[:, None] & known[None, :]
-    logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * stride_t + cols[None, :], mask=tile, other=0.0)
-    logits = tl.where(known[None, :], logits, -float("inf"))  # padding columns: no score; rows past T: finite
+    logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * stride_t + cols[None, :],
+                     mask=live[:, None] & known[None, :], other=0.0)
+    return tokens, cols, ks, live, known, tl.where(known[None, :], logits, -float("inf"))
+
+
+@triton.jit
+def _scores(logits, known, SCORE: tl.constexpr):
+    """softmax (SCORE 0) or sigmoid (SCORE 1) of each row of logits; 0 in the padding columns."""
     if SCORE == 0:
-        shifted = tl.where(known[None, :], logits - tl.max(logits, axis=1)[:, None], -float("inf"))
-        exps = tl.exp(shifted)
+        exps = tl.exp(tl.where(known[None, :], logits - tl.max(logits, axis=1)[:, None], -float("inf")))
         scores = exps / tl.sum(exps, axis=1)[:, None]
     else:
         scores = tl.sigmoid(logits)
+    return scores
+
+
+@triton.jit
+def _topk_route_kernel(logits_ptr, bias_ptr, indices_ptr, weights_ptr, counts_ptr, num_tokens, num_experts, top_k,
+                       stride_t, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                       SCORE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    tokens, cols, ks, live, known, logits = _logit_tile(logits_ptr, num_tokens, num_experts, stride_t, BLOCK_T, E_PAD,
+                                                        K_PAD)
+    scores = _scores(logits, known, SCORE)
     if HAS_BIAS:
         selection = scores + tl.load(bias_ptr + cols, mask=known, other=0.0)[None, :]
     elif SCORE == 0:
@@ -101,11 +116,8 @@ def _topk_route_backward_kernel(grad_ptr, logits_ptr, indices_ptr, weights_ptr, 
                                 num_experts, top_k, stride_t, stride_gt, BLOCK_T: tl.constexpr,
                                 E_PAD: tl.constexpr, K_PAD: tl.constexpr, SCORE: tl.constexpr,
                                 NORMALIZE: tl.constexpr):
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, E_PAD)
-    ks = tl.arange(0, K_PAD)
-    live = tokens < num_tokens
-    known = cols < num_experts
+    tokens, cols, ks, live, known, logits = _logit_tile(logits_ptr, num_tokens, num_experts, stride_t, BLOCK_T, E_PAD,
+                                                        K_PAD)
     tile = live[:, None] & known[None, :]
     at_k = tokens[:, None].to(tl.int64) * top_k + ks[None, :]
     k_mask = live[:, None] & (ks[None, :] < top_k)
@@ -113,33 +125,25 @@ def _topk_route_backward_kernel(grad_ptr, logits_ptr, indices_ptr, weights_ptr, 
     weights = tl.load(weights_ptr + at_k, mask=k_mask, other=0.0)
     chosen = tl.load(indices_ptr + at_k, mask=k_mask, other=E_PAD).to(tl.int32)
     weighted = tl.sum(weights * grad, axis=1)[:, None]  # sum_i w_i g_i
-    # G: the weights' gradient at the chosen experts' columns; M: 1 there
+    # spread: the weights' gradient at the chosen experts' columns; member: 1 there; weight_row: w there
     spread = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
     member = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
+    weight_row = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
     for j in range(top_k):
         slot = ks[None, :] == j
         expert = tl.sum(tl.where(slot, chosen, 0), axis=1)
         hit = cols[None, :] == expert[:, None]
         spread += tl.where(hit, tl.sum(tl.where(slot, grad, 0.0), axis=1)[:, None], 0.0)
         member += hit.to(tl.float32)
-    logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * stride_t + cols[None, :], mask=tile, other=0.0)
-    logits = tl.where(known[None, :], logits, -float("inf"))  # padding columns: no score; rows past T: finite
+        if SCORE == 0 and NORMALIZE:
+            weight_row += tl.where(hit, tl.sum(tl.where(slot, weights, 0.0), axis=1)[:, None], 0.0)
     if SCORE == 0:
-        if NORMALIZE:  # softmax over the chosen logits: w at the chosen columns
-            weight_row = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
-            for j in range(top_k):
-                slot = ks[None, :] == j
-                expert = tl.sum(tl.where(slot, chosen, 0), axis=1)
-                weight_row += tl.where(cols[None, :] == expert[:, None],
-                                       tl.sum(tl.where(slot, weights, 0.0), axis=1)[:, None], 0.0)
+        if NORMALIZE:  # the softmax over the chosen logits: only they enter
             grad_logits = weight_row * (spread - weighted * member)
         else:
-            shifted = tl.where(known[None, :], logits - tl.max(logits, axis=1)[:, None], -float("inf"))
-            exps = tl.exp(shifted)
-            scores = exps / tl.sum(exps, axis=1)[:, None]
-            grad_logits = scores * (spread - weighted)
+            grad_logits = _scores(logits, known, SCORE) * (spread - weighted)
     else:
-        scores = tl.sigmoid(logits)
+        scores = _scores(logits, known, SCORE)
         slope = scores * (1.0 - scores)
         if NORMALIZE:
             total = tl.maximum(tl.sum(scores * member, axis=1)[:, None], 1e-20)

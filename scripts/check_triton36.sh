@@ -13,6 +13,7 @@ PYTHON=${PYTHON:-python3}
 VENV=.venv-triton36
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 export PIP_NO_INPUT=1
-"$VENV/bin/python" -m pip --disable-pip-version-check -q install torch==2.13.0 triton==3.6.0 "numpy>=1.26,<2.4" pytest==9.2.0
+"$VENV/bin/python" -m pip --disable-pip-version-check -q install torch==2.13.0 triton==3.6.0 "numpy>=1.26,<2.4" pytest==9.2.0 \
+    safetensors==0.8.0  # moe (imported by a few kernel tests) saves with it
 echo "check_triton36: $("$VENV/bin/python" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)')"
 TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/kernels "$@"

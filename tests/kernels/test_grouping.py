@@ -1,6 +1,7 @@
 """The Triton counting sort that groups a router's choices by expert (kernels.triton_grouping)
-against a naive Python loop and against the argsort path of moe.dispatch: the same grouping,
-bitwise, and the gate weights' gradient.
+against a naive Python loop and a stable argsort: the same grouping, bitwise, and the gate
+weights' gradient. (tests/moe/test_routing_kernels.py checks the layer's dispatch with and
+without it.)
 
 On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py when
 there is no CUDA); the `gpu` tests run layer-sized cases on CUDA in bf16.
@@ -18,8 +19,7 @@ pytest.importorskip("triton")
 import kernels  # noqa: E402
 from kernels.triton_ops import GROUPING_MAX_EXPERTS, ROUTING_MAX_EXPERTS, group_by_expert_triton, triton_usable  # noqa: E402
 from kernels.routing import routing_kernels  # noqa: E402
-from moe.dispatch import sort_by_expert  # noqa: E402
-from moe.routers import Routing, expert_counts  # noqa: E402
+from tests.kernels.ops import check_op_and_compile  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
@@ -73,7 +73,7 @@ CASES = [
 
 @interpreter
 @pytest.mark.parametrize("tokens,top_k,num_experts,skew", CASES)
-def test_grouping_equals_the_naive_loop_and_the_argsort(tokens, top_k, num_experts, skew, monkeypatch):
+def test_grouping_equals_the_naive_loop_and_the_argsort(tokens, top_k, num_experts, skew):
     indices, weights = routing_case(tokens, top_k, num_experts, skew)
     row_index, row_weight, source_order, offsets = group_by_expert_triton(indices, weights, num_experts)
     want = naive_grouping(indices, weights, num_experts)
@@ -81,18 +81,8 @@ def test_grouping_equals_the_naive_loop_and_the_argsort(tokens, top_k, num_exper
                                    (row_index, row_weight, source_order, offsets), want):
         assert got.dtype == expected.dtype, name
         assert torch.equal(got, expected), f"{name} differs from the naive loop"
-    # the layer's own grouping, with the kernel and with the argsort: the same rows
-    counts = expert_counts(indices.flatten(), num_experts)
-    routing = Routing(indices, weights, counts, counts)
-    monkeypatch.setenv("SLIMMOE_TRITON_ON_CPU", "1")
-    assert kernels.grouping_kernel_applies(indices, num_experts)
-    by_kernel = sort_by_expert(torch.zeros(tokens, 1), routing, num_experts)
-    monkeypatch.setenv("SLIMMOE_ROUTING_KERNELS", "0")
-    by_sort = sort_by_expert(torch.zeros(tokens, 1), routing, num_experts)
-    assert by_kernel.offsets is not None and by_sort.offsets is None
-    assert torch.equal(by_kernel.offsets, kernels.offsets_from_counts(counts))
-    for name in ("row_index", "row_weight", "source_order", "tokens_per_expert"):
-        assert torch.equal(getattr(by_kernel, name), getattr(by_sort, name)), name
+    order = torch.argsort(indices.flatten(), stable=True)  # a comparison sort's grouping: the same
+    assert torch.equal(row_index, order // top_k) and torch.equal(row_weight, weights.flatten()[order])
 
 
 @interpreter
@@ -118,26 +108,14 @@ def test_gate_weight_gradient_is_the_permuted_row_gradient():
 
 @interpreter
 def test_op_registration_and_compile():
-    """torch.library's own checks of the op (schema, fake tensor, autograd registration; its AOT
-    harness sums every output into one scalar, which an integer first output cannot take), then the
-    AOT path itself: torch.compile (aot_eager, fullgraph) of grouping + weighted sum, forward and
-    backward, equals eager."""
     indices, weights = routing_case(20, 2, 6)
-    torch.library.opcheck(torch.ops.slimmoe.group_by_expert, (indices, weights.requires_grad_(), 6),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     grad_rows = torch.randn(40)
 
-    def weighted(w):
+    def loss(w):
         row_index, row_weight, source_order, offsets = group_by_expert_triton(indices, w, 6)
         return (row_weight * grad_rows).sum() + row_index.sum() + source_order.sum() + offsets.sum()
 
-    eager_w, compiled_w = weights.detach().clone().requires_grad_(), weights.detach().clone().requires_grad_()
-    eager = weighted(eager_w)
-    eager.backward()
-    compiled = torch.compile(weighted, backend="aot_eager", fullgraph=True)(compiled_w)
-    compiled.backward()
-    assert torch.equal(compiled, eager)
-    assert torch.equal(compiled_w.grad, eager_w.grad)
+    check_op_and_compile(torch.ops.slimmoe.group_by_expert, (indices, weights.requires_grad_(), 6), loss, weights)
 
 
 @interpreter
@@ -183,17 +161,6 @@ def test_where_the_kernels_apply(monkeypatch):
         assert applies(on, 64)
 
 
-def test_capacity_dropping_keeps_the_argsort(monkeypatch):
-    """Dropped choices leave rows out; the kernel groups every slot, so dropping takes the argsort."""
-    monkeypatch.setenv("SLIMMOE_TRITON_ON_CPU", "1")
-    indices, weights = routing_case(12, 2, 4)
-    kept = torch.ones_like(indices, dtype=torch.bool)
-    kept[0, 1] = False
-    counts = expert_counts(indices.masked_fill(~kept, 4).flatten(), 5)[:-1]
-    rows = sort_by_expert(torch.zeros(12, 1), Routing(indices, weights * kept, counts, counts, kept=kept), 4)
-    assert rows.offsets is None and rows.source_order is None and rows.row_index.shape == (23,)
-
-
 @pytest.mark.parametrize("tokens,top_k,num_experts,skew", [
     pytest.param(16384, 6, 64, "uniform", id="fine-grained"),
     pytest.param(8192, 2, 8, "zipf", id="mixtral-like-skewed"),
@@ -201,19 +168,19 @@ def test_capacity_dropping_keeps_the_argsort(monkeypatch):
 ])
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_grouping_on_cuda_equals_the_argsort(tokens, top_k, num_experts, skew, monkeypatch):
+def test_grouping_on_cuda_equals_the_argsort(tokens, top_k, num_experts, skew):
+    """Layer-sized groupings in bf16 on CUDA: the rows of a stable argsort, and its weights' gradient."""
     indices, weights = routing_case(tokens, top_k, num_experts, skew, device="cuda")
     weights = weights.to(torch.bfloat16).requires_grad_()
-    counts = expert_counts(indices.flatten(), num_experts)
-    routing = Routing(indices, weights, counts, counts)
-    by_kernel = sort_by_expert(torch.zeros(tokens, 1, device="cuda"), routing, num_experts)
-    assert by_kernel.offsets is not None, "the kernel path did not run"
-    grad_rows = torch.randn(by_kernel.row_weight.shape[0], device="cuda", dtype=torch.bfloat16)
-    (grad_kernel,) = torch.autograd.grad((by_kernel.row_weight * grad_rows).sum(), weights)
-    monkeypatch.setenv("SLIMMOE_ROUTING_KERNELS", "0")
-    by_sort = sort_by_expert(torch.zeros(tokens, 1, device="cuda"), routing, num_experts)
-    (grad_sort,) = torch.autograd.grad((by_sort.row_weight * grad_rows).sum(), weights)
-    for name in ("row_index", "row_weight", "source_order"):
-        assert torch.equal(getattr(by_kernel, name), getattr(by_sort, name)), name
-    assert torch.equal(by_kernel.offsets, kernels.offsets_from_counts(counts))
+    row_index, row_weight, source_order, offsets = group_by_expert_triton(indices, weights, num_experts)
+    order = torch.argsort(indices.flatten(), stable=True)
+    assert torch.equal(row_index, order // top_k)
+    assert torch.equal(source_order, torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device="cuda")))
+    counts = torch.bincount(indices.flatten(), minlength=num_experts)
+    assert torch.equal(offsets, torch.cumsum(counts, 0).to(torch.int32))
+    grad_rows = torch.randn(row_weight.shape[0], device="cuda", dtype=torch.bfloat16)
+    (grad_kernel,) = torch.autograd.grad((row_weight * grad_rows).sum(), weights)
+    reference = weights.flatten()[order]
+    assert torch.equal(row_weight, reference)
+    (grad_sort,) = torch.autograd.grad((reference * grad_rows).sum(), weights)
     assert torch.equal(grad_kernel, grad_sort)

@@ -1,7 +1,7 @@
 """The router's Triton kernel (kernels.triton_router: top-k, gate weights and counts in one pass,
 the logits' gradient in one more) against a per-token loop of the definitions and against the
-torch path of moe.routers.TopKRouter: the same choices and counts, weights and gradients equal up
-to fp32 rounding.
+same formulas in torch ops: the same choices and counts, weights and gradients equal up to fp32
+rounding. (tests/moe/test_routing_kernels.py checks moe.routers.TopKRouter with and without it.)
 
 On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py when
 there is no CUDA); the `gpu` tests run a layer-sized router on CUDA.
@@ -16,10 +16,8 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
 from kernels.triton_ops import ROUTING_MAX_EXPERTS, topk_route_triton, triton_usable  # noqa: E402
-from moe.config import MoEConfig  # noqa: E402
-from moe.routers import TopKRouter  # noqa: E402
+from tests.kernels.ops import check_op_and_compile  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 interpreter = pytest.mark.skipif(not triton_usable(torch.zeros(1)), reason="needs TRITON_INTERPRET=1 for CPU tensors")
@@ -115,24 +113,14 @@ def test_no_tokens():
 
 @interpreter
 def test_op_registration_and_compile():
-    """torch.library's checks of the op, and torch.compile (aot_eager, fullgraph) of routing plus
-    a weighted sum: forward and backward equal eager."""
-    logits, bias = torch.randn(20, 8), torch.randn(8) * 0.05
-    torch.library.opcheck(torch.ops.slimmoe.topk_route, (logits.clone().requires_grad_(), 3, bias, "softmax", True),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    grad_weights = torch.randn(20, 3)
+    logits, bias, grad_weights = torch.randn(20, 8), torch.randn(8) * 0.05, torch.randn(20, 3)
 
-    def routed(x):
+    def loss(x):
         indices, weights, counts = topk_route_triton(x, 3, bias, "softmax", True)
         return (weights * grad_weights).sum() + indices.sum() + counts.sum()
 
-    eager_x, compiled_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    eager = routed(eager_x)
-    eager.backward()
-    compiled = torch.compile(routed, backend="aot_eager", fullgraph=True)(compiled_x)
-    compiled.backward()
-    assert torch.equal(compiled, eager)
-    assert torch.equal(compiled_x.grad, eager_x.grad)
+    check_op_and_compile(torch.ops.slimmoe.topk_route, (logits.clone().requires_grad_(), 3, bias, "softmax", True),
+                         loss, logits)
 
 
 @interpreter
@@ -148,62 +136,6 @@ def test_op_registration_and_compile():
 def test_bad_arguments_are_named(args, message):
     with pytest.raises(ValueError, match=message):
         topk_route_triton(*args)
-
-
-ROUTER_CONFIGS = [
-    pytest.param(dict(router="learned"), id="learned-softmax"),
-    pytest.param(dict(router="random", balance="bias"), id="random-bias"),
-    pytest.param(dict(router="learned", score_function="sigmoid", balance="bias"), id="sigmoid-bias"),
-    pytest.param(dict(router="learned", normalize_topk=False), id="unnormalised"),
-    pytest.param(dict(router="learned", z_loss_coeff=1e-3), id="z-loss"),
-]
-
-
-@interpreter
-@pytest.mark.parametrize("options", ROUTER_CONFIGS)
-def test_router_with_the_kernel_equals_the_torch_path(options, monkeypatch):
-    """TopKRouter with the kernel (SLIMMOE_TRITON_ON_CPU=1) and without (SLIMMOE_ROUTING_KERNELS=0):
-    the same choices, counts and pending bias counts; weights and every gradient equal up to rounding."""
-    config = MoEConfig(hidden_size=24, ffn_hidden_size=16, num_experts=12, top_k=3, **options)
-    runs = {}
-    for kernel in (True, False):
-        monkeypatch.setenv("SLIMMOE_TRITON_ON_CPU", "1")
-        monkeypatch.setenv("SLIMMOE_ROUTING_KERNELS", "1" if kernel else "0")
-        torch.manual_seed(0)
-        router = TopKRouter(config).train()
-        if router.expert_bias is not None:
-            router.expert_bias.copy_(torch.randn(12) * 0.02)
-        x = torch.randn(40, 24, requires_grad=True)
-        routing = router(x, 3)
-        loss = (routing.weights * torch.linspace(-1, 1, 3)).sum() + (routing.z_loss if routing.z_loss is not None else 0)
-        loss.backward()
-        runs[kernel] = (routing, x.grad, router.weight.grad if router.is_learned else None,
-                        getattr(router, "pending_tokens", None))
-    (ours, ours_x, ours_w, ours_pending), (ref, ref_x, ref_w, ref_pending) = runs[True], runs[False]
-    assert torch.equal(ours.indices, ref.indices)
-    assert torch.equal(ours.tokens_per_expert, ref.tokens_per_expert)
-    assert torch.equal(ours.routed_per_expert, ref.routed_per_expert)
-    torch.testing.assert_close(ours.weights, ref.weights, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours_x, ref_x, rtol=1e-5, atol=1e-6)
-    if ours_w is not None:
-        torch.testing.assert_close(ours_w, ref_w, rtol=1e-5, atol=1e-6)
-    if ours_pending is not None:
-        assert torch.equal(ours_pending, ref_pending)
-
-
-@interpreter
-def test_probability_losses_keep_the_torch_path(monkeypatch):
-    """The aux and mutual-information losses need all E probabilities: those routers never take the kernel."""
-    monkeypatch.setenv("SLIMMOE_TRITON_ON_CPU", "1")
-    calls = []
-    real = kernels.topk_route_triton
-    monkeypatch.setattr(kernels, "topk_route_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    for options in (dict(balance="aux_loss"), dict(mi_loss_coeff=0.01)):
-        router = TopKRouter(MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=2, **options)).train()
-        assert router(torch.randn(5, 8), 2).aux_loss is not None or options.get("mi_loss_coeff")
-    assert not calls
-    TopKRouter(MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=2))(torch.randn(5, 8), 2)
-    assert calls
 
 
 @pytest.mark.gpu
