@@ -140,7 +140,8 @@ def test_bad_arguments_are_named(args, message):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("score,normalize,use_bias", VARIANTS)
+@pytest.mark.parametrize("score,normalize,use_bias", [  # four of the eight variants: each compiles twice
+    ("softmax", True, True), ("softmax", True, False), ("sigmoid", True, True), ("softmax", False, False)])
 def test_kernel_on_cuda_equals_the_formulas(score, normalize, use_bias):
     """A layer-sized router on CUDA (T=16384, E=64, k=6): choices and counts equal torch's, weights
     and the logits' gradient equal up to fp32 rounding."""
