@@ -13,6 +13,10 @@ weight the chosen experts by the *unbiased* scores, renormalised over the k if `
 With softmax and ``normalize_topk`` the weights equal a softmax over the k selected logits,
 SMoE-Dropout's rule.
 
+Where no ``[T, E]`` probabilities are needed (no aux or mutual-information loss), a GPU router takes
+``kernels.topk_route_triton``: the scores, the top-k, the weights and the counts in one Triton
+kernel, by the same formulas (``kernels.routing`` says where it applies).
+
 Precision (Megatron-core's ``moe_router_dtype="fp32"``): whatever the model's dtype, the logits,
 scores, top-k, gate weights and the router's gradient are computed in fp32 (:func:`router_logits`
 upcasts inside one autograd function, so no fp32 copy of the tokens is kept for backward), and the
@@ -182,8 +186,8 @@ class TopKRouter(nn.Module):
         if not (wants_aux or wants_mi) and kernels.routing_kernel_applies(logits, cfg.num_experts):
             # On a GPU, where no [T, E] probabilities are needed: the selection, the weights (from the
             # unbiased scores, the same formulas) and the counts in one Triton kernel, its backward in one more.
-            indices, weights, routed = kernels.topk_route_triton(logits, k, self.expert_bias, cfg.score_function,
-                                                                 cfg.normalize_topk)
+            bias = None if self.expert_bias is None else self.expert_bias.float()  # fp32 already: no copy
+            indices, weights, routed = kernels.topk_route_triton(logits, k, bias, cfg.score_function, cfg.normalize_topk)
         elif softmax and cfg.normalize_topk and self.expert_bias is None and not (wants_aux or wants_mi):
             # The softmax is monotonic, so the top-k of the logits are the top-k of the scores, and the
             # renormalised weights are a softmax over the k chosen logits: no [T, E] softmax at all.
