@@ -201,7 +201,8 @@ class AllToAllDispatcher:
         received = _AllToAll.apply(sent, recv_splits, send_splits, self.groups.group, self.stats, me)  # [M, d]
         # received rows are grouped by (source rank, local expert); group them by local expert
         local_expert = torch.arange(local, device=x.device).repeat(ep)  # [P * E/P]
-        expert_of_row = torch.repeat_interleave(local_expert, recv_counts.flatten().to(x.device))  # [M]
+        expert_of_row = torch.repeat_interleave(local_expert, recv_counts.flatten().to(x.device),
+                                                output_size=sum(recv_splits))  # [M]; the size known: no device sync
         order = argsort_by_expert(expert_of_row, local - 1)
         rows = GroupedRows(
             source=received,
@@ -277,7 +278,7 @@ class _Plan:
         device = source.device
         counts = torch.tensor([row[a:b] for row in self.recv_counts], dtype=torch.long, device=device)  # [P, b-a]
         expert_of_row = torch.repeat_interleave(torch.arange(a, b, device=device).repeat(counts.shape[0]),
-                                                counts.flatten())  # [M_c]
+                                                counts.flatten(), output_size=source.shape[0])  # [M_c]
         tokens_per_expert = torch.zeros(self.local, dtype=torch.long, device=device)
         tokens_per_expert[a:b] = counts.sum(0)
         order = argsort_by_expert(expert_of_row, self.local - 1)
