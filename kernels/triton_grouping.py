@@ -55,7 +55,7 @@ def _block_histogram_kernel(ids_ptr, hist_ptr, num_slots, num_blocks, num_expert
     for start in tl.static_range(0, E_PAD, CHUNK):
         experts = start + tl.arange(0, CHUNK)
         counts = tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)  # [CHUNK]
-        tl.store(hist_ptr + experts * num_blocks + b, counts, mask=experts < num_experts)
+        tl.store(hist_ptr + experts.to(tl.int64) * num_blocks + b, counts, mask=experts < num_experts)
 
 
 @triton.jit
@@ -72,7 +72,7 @@ def _block_scatter_kernel(ids_ptr, weight_ptr, ends_ptr, row_index_ptr, row_weig
     earlier = lanes[None, :] < lanes[:, None]
     rank = tl.sum((same & earlier).to(tl.int32), axis=1)  # earlier slots of the same expert in the block
     in_block = tl.sum(same.to(tl.int32), axis=1)  # slots of the same expert in the block
-    end = tl.load(ends_ptr + ids * num_blocks + b, mask=valid, other=0)
+    end = tl.load(ends_ptr + ids.to(tl.int64) * num_blocks + b, mask=valid, other=0)  # E * blocks may pass 2**31
     position = end - in_block + rank  # [BLOCK] int32
     tl.store(row_index_ptr + position, (slots // top_k).to(tl.int64), mask=valid)
     tl.store(row_weight_ptr + position, tl.load(weight_ptr + slots, mask=valid), mask=valid)
@@ -80,7 +80,8 @@ def _block_scatter_kernel(ids_ptr, weight_ptr, ends_ptr, row_index_ptr, row_weig
     if b == num_blocks - 1:
         experts = tl.arange(0, E_PAD)
         known = experts < num_experts
-        tl.store(offsets_ptr + experts, tl.load(ends_ptr + experts * num_blocks + b, mask=known), mask=known)
+        tl.store(offsets_ptr + experts, tl.load(ends_ptr + experts.to(tl.int64) * num_blocks + b, mask=known),
+                 mask=known)
 
 
 def _e_pad(num_experts: int) -> int:
