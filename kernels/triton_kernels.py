@@ -619,9 +619,21 @@ def autotune_enabled() -> bool:
     return os.environ.get("SLIMMOE_TRITON_AUTOTUNE", "1").lower() not in ("0", "false", "no", "off")
 
 
+# The operands whose dtype joins the tune key in _launch's own cache of the autotuner's choices.
+_TUNE_DTYPES = {"grouped_gemm": ("a_ptr", "b_ptr", "c_ptr"), "gemm_act": ("x_ptr", "w1_ptr"),
+                "act_backward": ("g_ptr", "w2_ptr"), "xty": ("x_ptr", "y_ptr", "out_ptr")}
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel_name: str, config_set: str):
     return triton.autotune(configs=_CONFIGS[config_set], key=_TUNE_KEY[kernel_name])(_KERNELS[kernel_name])
+
+
+# The config the autotuner chose, per (kernel, config set, tune key, operand dtypes). After the first
+# launch of a key the kernel is launched with that config directly: the autotuner's own per-call key
+# (a dict of every argument, the dtype of each tensor) costs host time on every launch, and a
+# launch-bound layer pays it about ten times per forward and backward.
+_CHOSEN: dict = {}
 
 
 _FORCED: dict = {}
@@ -654,7 +666,15 @@ def _launch(kernel_name: str, config_set: str, grid, **args):
         config = _FORCED[config_set]
         kernel[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     elif autotune_enabled():
-        _tuned(kernel_name, config_set)[grid](**args)
+        key = (kernel_name, config_set, *(args[name] for name in _TUNE_KEY[kernel_name]),
+               *(args[name].dtype for name in _TUNE_DTYPES[kernel_name]))
+        config = _CHOSEN.get(key)
+        if config is None:
+            tuner = _tuned(kernel_name, config_set)
+            tuner[grid](**args)  # benchmarks every candidate the first time its own key is seen
+            _CHOSEN[key] = tuner.best_config
+        else:
+            kernel[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         config = DEFAULT_CONFIG[config_set]
         kernel[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

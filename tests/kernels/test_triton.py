@@ -595,6 +595,48 @@ def test_bf16_layer_sized_shapes(activation):
     _check_mlp(("cuda", torch.bfloat16), 256, 8, 2, "one", 128, 200, activation)
 
 
+def test_launch_reuses_the_autotuners_choice_per_key(monkeypatch):
+    """With autotuning on, the first launch of a (kernel, tune key, operand dtypes) goes through
+    triton.autotune; later launches of that key call the kernel with the config it chose, and a new
+    key (another K, or another dtype) asks the autotuner again. Stand-in kernel and autotuner: this
+    checks the launcher's bookkeeping, on any machine."""
+    tk = _tk()
+    launched, tuned = [], []
+
+    class Kernel:  # a compiled JIT function's indexing: kernel[grid](**kwargs)
+        def __getitem__(self, grid):
+            return lambda **kwargs: launched.append(kwargs)
+
+    class Tuner:
+        best_config = tk._cfg(128, 64, 32, 8, 3)
+
+        def __getitem__(self, grid):
+            return lambda **kwargs: tuned.append(kwargs)
+
+    monkeypatch.setattr(tk, "interpreting", lambda: False)
+    monkeypatch.setitem(tk._KERNELS, "xty", Kernel())
+    monkeypatch.setattr(tk, "_tuned", lambda name, config_set: Tuner())
+    monkeypatch.setattr(tk, "_CHOSEN", {})
+    monkeypatch.setenv("SLIMMOE_TRITON_AUTOTUNE", "1")
+
+    def launch(K, dtype):
+        tensors = {name: torch.empty(1, dtype=dtype) for name in ("x_ptr", "y_ptr", "out_ptr")}
+        tk._launch("xty", "xty", None, **tensors, K=K, N=64, tune_rows=256, DUAL=False)
+
+    launch(512, torch.float32)
+    launch(512, torch.float32)
+    launch(512, torch.float32)
+    assert len(tuned) == 1 and len(launched) == 2
+    config = Tuner.best_config
+    assert all(call["BLOCK_M"] == 128 and call["BLOCK_N"] == 64 and call["BLOCK_K"] == 32 and call["num_warps"] == 8
+               and call["num_stages"] == 3 and call["K"] == 512 for call in launched), (launched, config)
+    launch(1024, torch.float32)  # another tune key
+    launch(512, torch.bfloat16)  # another operand dtype
+    assert len(tuned) == 3 and len(launched) == 2
+    launch(1024, torch.float32)
+    assert len(tuned) == 3 and len(launched) == 3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_autotuned_layer_sized_shape(monkeypatch):
