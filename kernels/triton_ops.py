@@ -16,8 +16,12 @@ Public API:
 Each is registered with ``torch.library`` under ``slimmoe::`` (``custom_op`` + ``register_fake`` +
 ``register_autograd``, the backward made of more ``slimmoe::`` ops), so ``torch.compile`` traces a
 layer that uses them without graph breaks (forward and backward). The same forward and backward are
-also available as plain :class:`torch.autograd.Function` classes, :class:`GroupedMM` and
-:class:`ExpertMLP`.
+also plain :class:`torch.autograd.Function` classes (:class:`GroupedMM`, :class:`ExpertMLP` and the
+routing ones) that call the ops' bodies directly. The routing and expert-MLP entry points take
+those in eager code and the ops only under ``torch.compile``: an op's dispatch (its Python autograd
+wrapper, the ``torch.compiler.disable`` around its body) costs host time on every call, several
+times that of an autograd Function, and a launch-bound layer makes five such calls per forward and
+backward.
 
 Every op is functional: it returns new tensors and mutates none of its inputs. Triton is imported
 at the first call, never at import time; on CPU the kernels run on the Triton interpreter, which
@@ -190,6 +194,12 @@ def _expert_mlp_op(
     """(out [M, d], h1 [N, f], h3 [N, f]): h1/h3 are the saved pre-activations (empty unless ``save``;
     h3 only for SwiGLU)."""
     _require_usable("slimmoe::expert_mlp", x)
+    return _expert_mlp_forward(x, row_index, row_weight, offsets, w1, w3, w2, activation, save, source_order)
+
+
+def _expert_mlp_forward(x, row_index, row_weight, offsets, w1, w3, w2, activation, save, source_order):
+    """The body of ``slimmoe::expert_mlp`` (the op calls it; so does :class:`ExpertMLP`, without the
+    op's dispatch)."""
     k = _kernels()
     act, h1, h3 = k.gemm_act(x, row_index, offsets, w1, w3, activation, save)  # act [N, f]
     y = k.grouped_gemm(act, w2, offsets, row_scale=row_weight)  # [N, d], weighted, one row per assignment
@@ -215,6 +225,13 @@ def _expert_mlp_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (x, row_weight, w1, w3, w2); an empty tensor for each one ``needs`` does not ask for."""
     _require_usable("slimmoe::expert_mlp_backward", x)
+    return _expert_mlp_grads(grad_out, x, row_index, row_weight, offsets, w1, w3, w2, h1, h3, activation, needs,
+                             source_order)
+
+
+def _expert_mlp_grads(grad_out, x, row_index, row_weight, offsets, w1, w3, w2, h1, h3, activation, needs,
+                      source_order):
+    """The body of ``slimmoe::expert_mlp_backward``."""
     k = _kernels()
     need_x, need_rw, need_w1, need_w3, need_w2 = needs
     swiglu = activation == "swiglu"
@@ -268,14 +285,19 @@ def _expert_mlp_setup(ctx, inputs, output):
 
 def _expert_mlp_backward(ctx, grad_out, *_unused_grads):
     """Gradients for (x, row_index, row_weight, offsets, w1, w3, w2, activation[, save, source_order])."""
+    return _expert_mlp_input_grads(ctx, grad_out, torch.ops.slimmoe.expert_mlp_backward)
+
+
+def _expert_mlp_input_grads(ctx, grad_out, grads_fn):
+    """The autograd backward, with ``grads_fn`` the backward op or its body."""
     x, row_index, row_weight, offsets, w1, w3, w2, h1, h3, source_order = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[i]) for i in (0, 2, 4, 5, 6)]
     if grad_out is None or not any(needs):
         return (None,) * len(ctx.needs_input_grad)
     if not ctx.saved_activations:
         raise RuntimeError("slimmoe::expert_mlp was called with save=False, so it cannot be differentiated")
-    grads = torch.ops.slimmoe.expert_mlp_backward(grad_out, x, row_index, row_weight, offsets, w1, w3, w2, h1, h3,
-                                                  ctx.activation, needs, source_order)
+    grads = grads_fn(grad_out, x, row_index, row_weight, offsets, w1, w3, w2, h1, h3, ctx.activation, needs,
+                     source_order)
     grad_x, grad_rw, grad_w1, grad_w3, grad_w2 = (g if need else None for g, need in zip(grads, needs))
     return (grad_x, None, grad_rw, None, grad_w1, grad_w3, grad_w2, None, None, None)[: len(ctx.needs_input_grad)]
 
@@ -284,13 +306,15 @@ torch.library.register_autograd("slimmoe::expert_mlp", _expert_mlp_backward, set
 
 
 class ExpertMLP(torch.autograd.Function):
-    """:func:`expert_mlp_triton` as an autograd Function (same kernels, same backward)."""
+    """:func:`expert_mlp_triton` as an autograd Function: the op's forward and backward bodies called
+    directly, which is how eager code runs them (a ``torch.library`` op's dispatch costs host time on
+    every call; ``torch.compile`` traces the op instead)."""
 
     @staticmethod
     def forward(ctx, x, row_index, row_weight, offsets, w1, w3, w2, activation, source_order=None):
         save = any(ctx.needs_input_grad)
-        out, h1, h3 = torch.ops.slimmoe.expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation, save,
-                                                   source_order)
+        out, h1, h3 = _expert_mlp_forward(x, row_index, row_weight, offsets, w1, w3, w2, activation, save,
+                                          source_order)
         ctx.activation = activation
         ctx.saved_activations = save
         ctx.save_for_backward(x, row_index, row_weight, offsets, w1, w3, w2, h1, h3, source_order)
@@ -299,7 +323,7 @@ class ExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _expert_mlp_backward(ctx, grad_out)
+        return _expert_mlp_input_grads(ctx, grad_out, _expert_mlp_grads)
 
 
 def _check_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation, source_order=None):
@@ -355,6 +379,8 @@ def expert_mlp_triton(x, row_index, row_weight, offsets, w1, w3, w2, activation:
     """
     _check_expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation, source_order)
     _require_usable("expert_mlp_triton", x)
+    if not torch.compiler.is_compiling():  # eager: the same bodies without the op's dispatch
+        return ExpertMLP.apply(x, row_index, row_weight, offsets, w1, w3, w2, activation, source_order)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, row_weight, w1, w3, w2))
     out, _, _ = torch.ops.slimmoe.expert_mlp(x, row_index, row_weight, offsets, w1, w3, w2, activation, save,
                                              source_order)
@@ -407,6 +433,18 @@ torch.library.register_autograd("slimmoe::group_by_expert", _group_by_expert_bac
                                 setup_context=_group_by_expert_setup)
 
 
+class _GroupByExpert(torch.autograd.Function):
+    """Eager ``slimmoe::group_by_expert``: the op's body and autograd without its dispatch."""
+
+    @staticmethod
+    def forward(ctx, indices, weights, num_experts):
+        output = _grouping().group_by_expert(indices, weights, num_experts)
+        _group_by_expert_setup(ctx, (indices, weights, num_experts), output)
+        return output
+
+    backward = staticmethod(_group_by_expert_backward)
+
+
 def group_by_expert_triton(indices: torch.Tensor, weights: torch.Tensor, num_experts: int):
     """A router's choices ``indices [T, k]`` (ids in ``0..num_experts-1``, not checked: that would cost
     a host sync) with gate ``weights [T, k]``, grouped by expert as a stable argsort of the flattened
@@ -423,6 +461,8 @@ def group_by_expert_triton(indices: torch.Tensor, weights: torch.Tensor, num_exp
     if weights.device != indices.device:
         raise ValueError(f"group_by_expert_triton: indices on {indices.device} but weights on {weights.device}")
     _require_usable("group_by_expert_triton", indices)
+    if not torch.compiler.is_compiling():
+        return _GroupByExpert.apply(indices, weights, num_experts)
     return torch.ops.slimmoe.group_by_expert(indices, weights, num_experts)
 
 
@@ -472,15 +512,32 @@ def _topk_route_setup(ctx, inputs, output):
 
 
 def _topk_route_backward(ctx, grad_indices, grad_weights, grad_counts):
+    return _topk_route_input_grads(ctx, grad_weights, torch.ops.slimmoe.topk_route_backward)
+
+
+def _topk_route_input_grads(ctx, grad_weights, backward_fn):
+    """Gradients for (logits, top_k, bias, score, normalize), with ``backward_fn`` the backward op or its body."""
     if grad_weights is None or not ctx.needs_input_grad[0]:
         return None, None, None, None, None
     logits, indices, weights = ctx.saved_tensors
-    grad_logits = torch.ops.slimmoe.topk_route_backward(grad_weights, logits, indices, weights, ctx.score,
-                                                        ctx.normalize)
-    return grad_logits, None, None, None, None
+    return backward_fn(grad_weights, logits, indices, weights, ctx.score, ctx.normalize), None, None, None, None
 
 
 torch.library.register_autograd("slimmoe::topk_route", _topk_route_backward, setup_context=_topk_route_setup)
+
+
+class _TopkRoute(torch.autograd.Function):
+    """Eager ``slimmoe::topk_route``: the op's body and autograd without its dispatch."""
+
+    @staticmethod
+    def forward(ctx, logits, top_k, bias, score, normalize):
+        output = _router().topk_route(logits, top_k, bias, score, normalize)
+        _topk_route_setup(ctx, (logits, top_k, bias, score, normalize), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_indices, grad_weights, grad_counts):
+        return _topk_route_input_grads(ctx, grad_weights, _router().topk_route_backward)
 
 
 def topk_route_triton(logits: torch.Tensor, top_k: int, bias: Optional[torch.Tensor] = None, score: str = "softmax",
@@ -508,4 +565,6 @@ def topk_route_triton(logits: torch.Tensor, top_k: int, bias: Optional[torch.Ten
         raise ValueError(f"topk_route_triton: bias must be fp32 [{num_experts}] on {logits.device}; got "
                          f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
     _require_usable("topk_route_triton", logits)
+    if not torch.compiler.is_compiling():
+        return _TopkRoute.apply(logits, top_k, bias, score, bool(normalize))
     return torch.ops.slimmoe.topk_route(logits, top_k, bias, score, bool(normalize))

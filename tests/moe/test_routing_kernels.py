@@ -7,6 +7,8 @@ test runs the layer's dispatch on CUDA in bf16.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ pytest.importorskip("triton")
 import kernels  # noqa: E402
 from kernels.triton_ops import triton_usable  # noqa: E402
 from moe.config import MoEConfig  # noqa: E402
+from moe.layer import MoELayer  # noqa: E402
 from moe.dispatch import sort_by_expert  # noqa: E402
 from moe.routers import Routing, TopKRouter, expert_counts  # noqa: E402
 
@@ -112,6 +115,58 @@ def test_probability_losses_keep_the_torch_path(monkeypatch):
     assert not calls
     TopKRouter(MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=2))(torch.randn(5, 8), 2)
     assert calls
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the ops dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@interpreter
+def test_eager_calls_the_kernels_without_the_ops_dispatch_and_compile_traces_the_ops(monkeypatch):
+    """Eager code runs the Triton ops' bodies through autograd Functions (a torch.library op's
+    dispatch costs host time on every call); torch.compile traces the slimmoe:: ops into its forward
+    and backward graphs. Same kernels: the same outputs and gradients."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    monkeypatch.setenv("SLIMMOE_TRITON_ON_CPU", "1")
+    config = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=4, top_k=2, router="learned", balance="bias",
+                       activation="gelu", expert_backend="triton")
+    layer = MoELayer(config).train()
+    layer.router.expert_bias.copy_(torch.tensor([0.01, -0.02, 0.0, 0.03]))
+    x = torch.randn(8, 16)
+    traced = set()
+
+    def record(graph_module, example_inputs):
+        traced.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return make_boxed_func(graph_module)
+
+    results = {}
+    for mode in ("eager", "compiled"):
+        run = layer if mode == "eager" else torch.compile(layer, backend=aot_autograd(fw_compiler=record,
+                                                                                      bw_compiler=record),
+                                                          fullgraph=True)
+        inputs = x.clone().requires_grad_()
+        layer.zero_grad()
+        ops = _OpNames()
+        with ops if mode == "eager" else contextlib.nullcontext():
+            out = run(inputs)
+            out.backward(torch.ones_like(out))
+        if mode == "eager":
+            assert not {name for name in ops.names if name.startswith("slimmoe.")}, ops.names
+        results[mode] = (out.detach(), inputs.grad, layer.router.weight.grad.clone(), layer.experts.w1.grad.clone())
+    for op in ("topk_route", "topk_route_backward", "group_by_expert", "expert_mlp", "expert_mlp_backward"):
+        assert any(f"slimmoe.{op}." in name for name in traced), (op, sorted(traced))
+    for eager, compiled in zip(results["eager"], results["compiled"]):
+        assert torch.equal(eager, compiled)
 
 
 @pytest.mark.gpu
