@@ -19,9 +19,8 @@ layer that uses them without graph breaks (forward and backward). The same forwa
 also plain :class:`torch.autograd.Function` classes (:class:`GroupedMM`, :class:`ExpertMLP` and the
 routing ones) that call the ops' bodies directly. The routing and expert-MLP entry points take
 those in eager code and the ops only under ``torch.compile``: an op's dispatch (its Python autograd
-wrapper, the ``torch.compiler.disable`` around its body) costs host time on every call, several
-times that of an autograd Function, and a launch-bound layer makes five such calls per forward and
-backward.
+wrapper, the ``torch.compiler.disable`` frame around its body) costs host time on every call, and a
+launch-bound layer makes five such calls per forward and backward.
 
 Every op is functional: it returns new tensors and mutates none of its inputs. Triton is imported
 at the first call, never at import time; on CPU the kernels run on the Triton interpreter, which
